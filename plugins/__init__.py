@@ -1,0 +1,1 @@
+"""Built-in architecture plugins for surgery (import name ``surgery_plugins``)."""

@@ -1,0 +1,27 @@
+"""Exception types. Every error says what is wrong and what the user can do about it."""
+
+from __future__ import annotations
+
+
+class SurgeryError(Exception):
+    """Base class for every error raised by surgery."""
+
+
+class CaptureError(SurgeryError):
+    """The model could not be turned into a graph (tracing or shape propagation failed)."""
+
+
+class BudgetError(SurgeryError, ValueError):
+    """The requested sparsity or budget cannot be met or is out of range."""
+
+
+class CalibrationError(SurgeryError, ValueError):
+    """Calibration data is missing, malformed, or produced non-finite activations."""
+
+
+class PlanError(SurgeryError, ValueError):
+    """A pruning plan does not fit the model it is applied to, or is malformed."""
+
+
+class VerificationError(SurgeryError):
+    """The pruned model failed its post-surgery check (forward pass or output shapes)."""

@@ -1,0 +1,73 @@
+"""Every hook a surgery plugin may implement, in one file.
+
+A plugin is any module or object with functions decorated by ``surgery.hookimpl``; it is
+registered through the ``surgery`` entry-point group (third parties) or by the host itself
+(built-ins, which use exactly these hooks). Hooks are called with keyword arguments, and a
+plugin implements only the hooks it needs, taking only the arguments it needs.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable
+
+import pluggy
+import torch
+
+hookspec = pluggy.HookspecMarker("surgery")
+hookimpl = pluggy.HookimplMarker("surgery")
+
+
+@hookspec
+def surgery_leaf_modules(model: torch.nn.Module) -> list[type]:
+    """Module types fx must not trace into for ``model`` (kept as one ``call_module`` node).
+
+    Return types whose forward has data-dependent control flow, or whose channel behaviour a
+    rule describes as a whole (see ``surgery_module_rules``)."""
+
+
+@hookspec
+def surgery_autowrap_functions(model: torch.nn.Module) -> list[Callable]:
+    """Free functions fx should record as single calls instead of tracing into."""
+
+
+@hookspec
+def surgery_module_rules() -> dict[type, Callable]:
+    """Channel rules for module types: ``{ModuleType: rule}``.
+
+    A rule is ``rule(prop, node, module)``; it reads the channel tracks of the node's inputs
+    from ``prop`` (a :class:`surgery.propagate.Propagation`) and sets the node's output tracks.
+    Rules for subclasses win over rules for their bases."""
+
+
+@hookspec
+def surgery_function_rules() -> dict[Any, Callable]:
+    """Channel rules for functions and tensor methods: ``{callable_or_method_name: rule}``."""
+
+
+@hookspec
+def surgery_frozen_modules(model: torch.nn.Module) -> list[str]:
+    """Qualified names of modules whose output channels must never be cut (beyond the
+    model's outputs, which are always kept)."""
+
+
+@hookspec
+def surgery_fix_module(name: str, module: torch.nn.Module, model: torch.nn.Module) -> None:
+    """Update ``module``'s attributes after its parameters were sliced (e.g. ``num_heads``).
+
+    Called for every module whose parameters or buffers changed shape; the built-in fixes for
+    torch.nn layer types have already run."""
+
+
+@hookspec
+def surgery_fix_model(model: torch.nn.Module) -> None:
+    """Update model-level state (configs) after all modules were fixed."""
+
+
+@hookspec
+def surgery_criteria() -> dict[str, Callable]:
+    """New scoring criteria: ``{name: factory}``; see :mod:`surgery.criteria`."""
+
+
+@hookspec
+def surgery_estimators() -> dict[str, Callable]:
+    """New mutual-information estimators: ``{name: factory}``; see :mod:`surgery.estimators`."""

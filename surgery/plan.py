@@ -1,0 +1,176 @@
+"""PruningPlan: what to keep, per group and per parameter dimension, as reproducible JSON.
+
+A plan is self-sufficient for applying: besides the per-group decisions (readable, and what a
+report shows), it lists for every parameter dimension touched the positions kept. Applying a
+plan therefore needs no tracing, so a saved plan can rebuild a pruned model from the
+architecture alone. The model fingerprint (parameter names and shapes) guards against
+applying a plan to a different model.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import tempfile
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from surgery.errors import PlanError
+
+PLAN_VERSION = 1
+
+
+def fingerprint(model: torch.nn.Module) -> str:
+    """A hash of the model's class and its parameter/buffer names and shapes."""
+    h = hashlib.sha256(type(model).__name__.encode())
+    for name, tensor in sorted(model.state_dict().items()):
+        h.update(f"{name}:{tuple(tensor.shape)};".encode())
+    return h.hexdigest()[:16]
+
+
+def _to_ranges(positions: list[int]) -> list[list[int]]:
+    """[0,1,2,5,6] -> [[0,3],[5,7]]: compact JSON for mostly-contiguous kept indices."""
+    ranges: list[list[int]] = []
+    for p in positions:
+        if ranges and ranges[-1][1] == p:
+            ranges[-1][1] = p + 1
+        else:
+            ranges.append([p, p + 1])
+    return ranges
+
+
+def _from_ranges(ranges: list[list[int]]) -> list[int]:
+    return [i for start, stop in ranges for i in range(start, stop)]
+
+
+@dataclass
+class GroupDecision:
+    """The kept atoms of one channel group, with its size and (optionally) atom scores."""
+
+    id: int
+    name: str
+    kind: str
+    atoms: int
+    kept: list[int]
+    scores: list[float] | None = None
+
+
+@dataclass
+class PruningPlan:
+    """Per-group kept atoms plus per-parameter kept positions; see the module docstring."""
+
+    fingerprint: str
+    criterion: str
+    target: str
+    budget: dict[str, Any]
+    groups: list[GroupDecision]
+    keep: dict[str, dict[int, list[int]]]
+    shapes: dict[str, list[int]]
+    model_class: str = ""
+    version: int = PLAN_VERSION
+    extra: dict[str, Any] = field(default_factory=dict)
+
+    # ---- summaries --------------------------------------------------------------------------
+    def kept_fraction(self) -> float:
+        total = sum(g.atoms for g in self.groups)
+        return sum(len(g.kept) for g in self.groups) / total if total else 1.0
+
+    # ---- JSON -------------------------------------------------------------------------------
+    def to_dict(self) -> dict[str, Any]:
+        d = asdict(self)
+        d["keep"] = {p: {str(dim): _to_ranges(pos) for dim, pos in dims.items()}
+                     for p, dims in self.keep.items()}
+        for g in d["groups"]:
+            g["kept"] = _to_ranges(g["kept"])
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "PruningPlan":
+        try:
+            if d.get("version") != PLAN_VERSION:
+                raise PlanError(
+                    f"plan version {d.get('version')!r} is not supported (this surgery reads "
+                    f"version {PLAN_VERSION}); re-create the plan with this version."
+                )
+            groups = [GroupDecision(**{**g, "kept": _from_ranges(g["kept"])}) for g in d["groups"]]
+            keep = {p: {int(dim): _from_ranges(r) for dim, r in dims.items()}
+                    for p, dims in d["keep"].items()}
+            return cls(
+                fingerprint=d["fingerprint"], criterion=d["criterion"], target=d["target"],
+                budget=d["budget"], groups=groups, keep=keep, shapes=d["shapes"],
+                model_class=d.get("model_class", ""), version=d["version"],
+                extra=d.get("extra", {}),
+            )
+        except (KeyError, TypeError) as exc:
+            raise PlanError(f"malformed pruning plan: missing or wrong field ({exc}).") from exc
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), indent=1)
+
+    @classmethod
+    def from_json(cls, text: str) -> "PruningPlan":
+        try:
+            return cls.from_dict(json.loads(text))
+        except json.JSONDecodeError as exc:
+            raise PlanError(f"the plan is not valid JSON ({exc}); is the file truncated?") from exc
+
+    def save(self, path: str | os.PathLike) -> None:
+        """Write atomically: a temporary file in the same folder, then a rename."""
+        path = Path(path)
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+        try:
+            with os.fdopen(fd, "w") as f:
+                f.write(self.to_json())
+            os.replace(tmp, path)
+        except BaseException:
+            Path(tmp).unlink(missing_ok=True)
+            raise
+
+    @classmethod
+    def load(cls, path: str | os.PathLike) -> "PruningPlan":
+        return cls.from_json(Path(path).read_text())
+
+
+def build_plan(
+    coupling: Any,
+    kept: dict[int, np.ndarray],
+    *,
+    criterion: str,
+    target: str,
+    budget: dict[str, Any],
+    scores: dict[int, np.ndarray] | None = None,
+) -> PruningPlan:
+    """Turn per-group kept atoms into a plan (kept positions for every parameter dimension)."""
+    model = coupling.capture.model
+    removed: dict[tuple[str, int], set[int]] = {}
+    decisions = []
+    for g in coupling.groups:
+        if not g.prunable:
+            continue
+        keep_atoms = np.sort(np.asarray(kept.get(g.id, np.arange(g.atoms)), dtype=np.int64))
+        drop = np.setdiff1d(np.arange(g.atoms), keep_atoms)
+        for key, per_atom in g.slices.items():
+            bucket = removed.setdefault(key, set())
+            for a in drop.tolist():
+                bucket.update(per_atom[a].tolist())
+        s = scores.get(g.id) if scores else None
+        decisions.append(GroupDecision(
+            g.id, g.name, g.kind, g.atoms, keep_atoms.tolist(),
+            None if s is None else [float(x) for x in s],
+        ))
+    state = model.state_dict()
+    keep: dict[str, dict[int, list[int]]] = {}
+    for (param, dim), positions in sorted(removed.items()):
+        size = state[param].shape[dim]
+        keep.setdefault(param, {})[dim] = [i for i in range(size) if i not in positions]
+    return PruningPlan(
+        fingerprint=fingerprint(model), criterion=criterion, target=target, budget=budget,
+        groups=decisions, keep=keep,
+        shapes={k: list(v.shape) for k, v in state.items()},
+        model_class=f"{type(model).__module__}.{type(model).__qualname__}",
+    )
