@@ -9,6 +9,8 @@ trace into, the same mechanism timm uses for its own fx support.
 
 from __future__ import annotations
 
+import inspect
+import sys
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
@@ -22,16 +24,49 @@ from surgery.inputs import as_args
 
 
 class _Tracer(fx.Tracer):
-    """An fx tracer that treats plugin-declared module types as leaves."""
+    """An fx tracer that treats plugin-declared module types as leaves.
 
-    def __init__(self, leaf_types: tuple[type, ...], autowrap: tuple[Callable, ...]) -> None:
+    Two generalisations over plain fx, both needed by decorated ``forward(self, ..., **kwargs)``
+    signatures (Hugging Face models): with ``input_names`` the root gets exactly one placeholder
+    per given keyword input and the model's forward is called with those keywords, so
+    parameters left out keep their Python defaults instead of becoming proxies; and autowrap
+    functions are looked up in the Python module of every submodule's *unwrapped* forward, since
+    a decorator's wrapper hides the globals fx would otherwise search."""
+
+    def __init__(
+        self,
+        leaf_types: tuple[type, ...],
+        autowrap: tuple[Callable, ...],
+        model: torch.nn.Module | None = None,
+        input_names: tuple[str, ...] | None = None,
+    ) -> None:
         super().__init__(autowrap_functions=autowrap)
         self._leaf_types = leaf_types
+        self._input_names = input_names
+        if autowrap and model is not None and hasattr(self, "_autowrap_search"):
+            seen = {id(m) for m in self._autowrap_search}
+            for sub in model.modules():
+                fn = inspect.unwrap(getattr(type(sub), "forward", None) or (lambda: None))
+                mod = sys.modules.get(getattr(fn, "__module__", "") or "")
+                if mod is not None and id(mod) not in seen:
+                    seen.add(id(mod))
+                    self._autowrap_search.append(mod)
 
     def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
         if self._leaf_types and isinstance(m, self._leaf_types):
             return True
         return super().is_leaf_module(m, module_qualified_name)
+
+    def create_args_for_root(self, root_fn, is_module, concrete_args=None):  # type: ignore[override]
+        if self._input_names is None or not is_module:
+            return super().create_args_for_root(root_fn, is_module, concrete_args)
+        names = self._input_names
+        proxies = [self.create_proxy("placeholder", name, (), {}) for name in names]
+
+        def call_with_keywords(root: torch.nn.Module, *values: Any) -> Any:
+            return root_fn(root, **dict(zip(names, values)))
+
+        return call_with_keywords, [self.root, *proxies]
 
 
 @dataclass
@@ -87,7 +122,7 @@ def trace(
     autowrap = tuple(autowrap_functions) + tuple(
         f for fns in pm.hook.surgery_autowrap_functions(model=model) for f in fns
     )
-    tracer = _Tracer(leaves, autowrap)
+    tracer = _Tracer(leaves, autowrap, model, tuple(kwargs) if kwargs and not args else None)
     try:
         graph = tracer.trace(model)
     except Exception as exc:  # fx raises many types; all mean "cannot trace"

@@ -1,0 +1,34 @@
+"""surgery: make trained PyTorch models physically smaller by removing whole channels,
+neurons and attention heads, chosen by mutual information propagated top-down.
+
+The public API is small::
+
+    pruned, plan = surgery.prune(model, example_inputs, calib_data, sparsity=0.5)
+    surgery.trace(model, example_inputs)      # fx graph + networkx view
+    surgery.groups(model, example_inputs)     # coupled channel groups
+    surgery.apply_plan(model, plan)           # re-apply a saved plan
+"""
+
+from surgery.api import couple, groups, make_plan, prune
+from surgery.apply import apply_plan
+from surgery.capture import trace
+from surgery.counting import count_macs, count_params, measure_latency
+from surgery.errors import (
+    BudgetError,
+    CalibrationError,
+    CaptureError,
+    PlanError,
+    SurgeryError,
+    VerificationError,
+)
+from surgery.hookspecs import hookimpl
+from surgery.plan import PruningPlan
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "prune", "make_plan", "groups", "couple", "trace", "apply_plan", "PruningPlan",
+    "count_params", "count_macs", "measure_latency", "hookimpl",
+    "SurgeryError", "CaptureError", "BudgetError", "CalibrationError", "PlanError",
+    "VerificationError",
+]

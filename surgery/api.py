@@ -1,0 +1,139 @@
+"""The public entry points: ``prune``, ``make_plan``, ``groups``."""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Iterable
+
+import torch
+
+from surgery.apply import apply_plan
+from surgery.budget import CostModel, check_sparsity, global_kept, uniform_counts
+from surgery.calibration import calibrate
+from surgery.capture import trace
+from surgery.counting import count_macs, count_params, node_macs
+from surgery.criteria import ScoreContext, get_criterion
+from surgery.errors import BudgetError, CalibrationError
+from surgery.groups import ChannelGroup, Coupling, find_groups
+from surgery.plan import PruningPlan, build_plan
+from surgery.scoring import top_down
+
+TARGETS = ("output", "labels")
+ALLOCATIONS = ("uniform", "global")
+
+
+def couple(model: torch.nn.Module, example_inputs: Any) -> Coupling:
+    """Trace ``model`` and find its coupled channel groups (the full structure)."""
+    return find_groups(trace(model, example_inputs))
+
+
+def groups(model: torch.nn.Module, example_inputs: Any) -> list[ChannelGroup]:
+    """The coupled channel groups of ``model``, prunable or not, in graph order."""
+    return couple(model, example_inputs).groups
+
+
+def make_plan(
+    model: torch.nn.Module,
+    example_inputs: Any,
+    calib_data: Iterable[Any] | None = None,
+    sparsity: float = 0.5,
+    *,
+    budget: str = "macs",
+    criterion: str = "mi",
+    target: str = "output",
+    allocation: str = "uniform",
+    estimator: str = "gaussian",
+    round_to: int = 1,
+    min_keep: int = 1,
+    max_batches: int | None = None,
+    seed: int = 0,
+    progress: Callable[[str, int], None] | None = None,
+) -> PruningPlan:
+    """Decide what to keep without touching the model; see :func:`prune` for the arguments."""
+    check_sparsity(sparsity, budget)
+    if target not in TARGETS:
+        raise ValueError(f"target must be one of {TARGETS}, got {target!r}.")
+    if allocation not in ALLOCATIONS:
+        raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}.")
+    if round_to < 1 or min_keep < 1:
+        raise BudgetError(f"round_to and min_keep must be >= 1 (got {round_to}, {min_keep}).")
+    options = {"estimator": estimator} if criterion == "mi" else {}
+    crit = get_criterion(criterion, **options)
+    if crit.needs_calibration and calib_data is None:
+        raise CalibrationError(
+            f"criterion {criterion!r} needs calibration data: pass calib_data, an iterable of "
+            "batches shaped like example_inputs (optionally (inputs, labels)), or use "
+            "criterion='magnitude'."
+        )
+    coupling = couple(model, example_inputs)
+    if not coupling.prunable and sparsity > 0:
+        raise BudgetError(
+            f"no prunable channel group in {type(model).__name__}: every channel reaches an "
+            "input, an output or an unsupported op (see surgery.groups(...) reasons)."
+        )
+    cost = CostModel(coupling, node_macs(coupling.capture.graph_module, coupling.capture.example_args))
+    counts = uniform_counts(cost, sparsity, budget, round_to=round_to, min_keep=min_keep)
+    ctx = ScoreContext(coupling, seed=seed)
+    if crit.needs_calibration:
+        ctx.calibration = calibrate(
+            coupling, calib_data, target=target, max_batches=max_batches,
+            progress=(lambda i: progress("calibrate", i)) if progress else None,
+        )
+    kept, scores = top_down(
+        crit, ctx, counts, progress=(lambda i: progress("score", i)) if progress else None
+    )
+    if allocation == "global":
+        kept = global_kept(cost, scores, sparsity, budget, round_to=round_to, min_keep=min_keep)
+    estimate = cost.cost(cost.mask(kept))
+    return build_plan(
+        coupling, kept, criterion=criterion, target=target, scores=scores,
+        budget={
+            "kind": budget, "sparsity": sparsity, "allocation": allocation,
+            "round_to": round_to, "min_keep": min_keep, "estimator": estimator,
+            "dense_params": cost.dense.params, "dense_macs": cost.dense.macs,
+            "estimated_params": estimate.params, "estimated_macs": estimate.macs,
+        },
+    )
+
+
+def prune(
+    model: torch.nn.Module,
+    example_inputs: Any,
+    calib_data: Iterable[Any] | None = None,
+    sparsity: float = 0.5,
+    *,
+    budget: str = "macs",
+    criterion: str = "mi",
+    target: str = "output",
+    allocation: str = "uniform",
+    estimator: str = "gaussian",
+    round_to: int = 1,
+    min_keep: int = 1,
+    max_batches: int | None = None,
+    seed: int = 0,
+    inplace: bool = False,
+    progress: Callable[[str, int], None] | None = None,
+) -> tuple[torch.nn.Module, PruningPlan]:
+    """Prune ``model`` to remove ``sparsity`` of its ``budget`` ("macs" or "params").
+
+    - ``example_inputs``: one batch as the model takes it (tensor, tuple, or dict of kwargs);
+      fixes the shapes the graph is traced with and checks the pruned model.
+    - ``calib_data``: iterable of batches (``inputs``, ``(inputs, labels)`` or dicts with
+      ``labels``) for criteria that need activations (``mi``).
+    - ``criterion``: ``mi`` (default), ``magnitude``, ``random`` or a plugin's.
+    - ``target``: what the top layer's channels must explain: ``output`` (the dense model's
+      own output; no labels needed) or ``labels``.
+    - ``allocation``: ``uniform`` keep ratio per group, or ``global`` by normalised score.
+    - ``round_to``: kept counts are multiples of this (e.g. 8 for hardware); ``min_keep``: the
+      fewest atoms a group keeps.
+
+    Returns ``(pruned_model, plan)``. The input model is not modified unless ``inplace``.
+    """
+    plan = make_plan(
+        model, example_inputs, calib_data, sparsity, budget=budget, criterion=criterion,
+        target=target, allocation=allocation, estimator=estimator, round_to=round_to,
+        min_keep=min_keep, max_batches=max_batches, seed=seed, progress=progress,
+    )
+    pruned = apply_plan(model, plan, example_inputs, inplace=inplace)
+    plan.budget["params"] = count_params(pruned)
+    plan.budget["macs"] = count_macs(pruned, example_inputs)
+    return pruned, plan
