@@ -15,6 +15,7 @@ from surgery.criteria import ScoreContext, get_criterion
 from surgery.errors import BudgetError, CalibrationError
 from surgery.groups import ChannelGroup, Coupling, find_groups
 from surgery.plan import PruningPlan, build_plan
+from surgery.recovery import recalibrate_batchnorm
 from surgery.scoring import top_down
 
 TARGETS = ("output", "labels")
@@ -56,7 +57,7 @@ def make_plan(
         raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}.")
     if round_to < 1 or min_keep < 1:
         raise BudgetError(f"round_to and min_keep must be >= 1 (got {round_to}, {min_keep}).")
-    options = {"estimator": estimator} if criterion == "mi" else {}
+    options = {"estimator": estimator} if criterion in ("mi", "mi_topk") else {}
     crit = get_criterion(criterion, **options)
     if crit.needs_calibration and calib_data is None:
         raise CalibrationError(
@@ -111,6 +112,7 @@ def prune(
     max_batches: int | None = None,
     seed: int = 0,
     inplace: bool = False,
+    recalibrate: bool = True,
     progress: Callable[[str, int], None] | None = None,
 ) -> tuple[torch.nn.Module, PruningPlan]:
     """Prune ``model`` to remove ``sparsity`` of its ``budget`` ("macs" or "params").
@@ -125,6 +127,8 @@ def prune(
     - ``allocation``: ``uniform`` keep ratio per group, or ``global`` by normalised score.
     - ``round_to``: kept counts are multiples of this (e.g. 8 for hardware); ``min_keep``: the
       fewest atoms a group keeps.
+    - ``recalibrate``: re-estimate BatchNorm running statistics on ``calib_data`` after the
+      cut (no labels, one pass; skipped when there is no BatchNorm or no data).
 
     Returns ``(pruned_model, plan)``. The input model is not modified unless ``inplace``.
     """
@@ -134,6 +138,8 @@ def prune(
         min_keep=min_keep, max_batches=max_batches, seed=seed, progress=progress,
     )
     pruned = apply_plan(model, plan, example_inputs, inplace=inplace)
+    if recalibrate and calib_data is not None:
+        plan.extra["recalibrated_batchnorms"] = recalibrate_batchnorm(pruned, calib_data, max_batches)
     plan.budget["params"] = count_params(pruned)
     plan.budget["macs"] = count_macs(pruned, example_inputs)
     return pruned, plan

@@ -35,6 +35,14 @@ class Criterion:
     def score(self, group: ChannelGroup, ctx: ScoreContext) -> np.ndarray:
         raise NotImplementedError
 
+    def select(self, group: ChannelGroup, ctx: ScoreContext, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Kept atoms (sorted) and per-atom scores; the default keeps the top-``k`` scores."""
+        s = np.nan_to_num(np.asarray(self.score(group, ctx), dtype=np.float64), nan=-np.inf)
+        if s.shape != (group.atoms,):
+            raise ValueError(f"criterion {self.name!r} returned {s.shape} scores for group "
+                             f"{group.name!r} with {group.atoms} atoms.")
+        return np.sort(np.argsort(-s, kind="stable")[:k]), s
+
 
 class MutualInformation(Criterion):
     """Top-down MI (Fan et al. 2021): an atom's score is the sum, over the layers reading it,
@@ -44,14 +52,15 @@ class MutualInformation(Criterion):
     name = "mi"
     needs_calibration = True
 
-    def __init__(self, estimator: str = "gaussian") -> None:
+    def __init__(self, estimator: str = "gaussian", joint: bool = True) -> None:
         self.estimate = get_estimator(estimator)
         self.estimator = estimator
+        self.joint = joint
 
-    def score(self, group: ChannelGroup, ctx: ScoreContext) -> np.ndarray:
+    def _relations(self, group: ChannelGroup, ctx: ScoreContext):
+        """(moment sums, x column atoms, kept t columns) for every layer reading ``group``."""
         assert ctx.calibration is not None
         cal = ctx.calibration
-        total = np.zeros(group.atoms)
         for i, rel in enumerate(ctx.coupling.relations):
             if rel.group != group.id or i not in cal.sums:
                 continue
@@ -62,9 +71,26 @@ class MutualInformation(Criterion):
                 t_atoms = cal.t_features[i].atom_of_column
                 kept = ctx.kept.get(rel.target)
                 t_cols = np.arange(len(t_atoms)) if kept is None else np.nonzero(np.isin(t_atoms, kept))[0]
-            x_atoms = cal.x_features[i].atom_of_column
+            yield sums, cal.x_features[i].atom_of_column, t_cols
+
+    def score(self, group: ChannelGroup, ctx: ScoreContext) -> np.ndarray:
+        total = np.zeros(group.atoms)
+        for sums, x_atoms, t_cols in self._relations(group, ctx):
             total += self.estimate(sums, x_atoms, t_cols, group.atoms)
         return total
+
+    def select(self, group: ChannelGroup, ctx: ScoreContext, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Greedy forward selection of the atoms whose *joint* MI with the targets is largest
+        (Gaussian: relevance minus redundancy), when every atom is one column everywhere;
+        independent top-k otherwise."""
+        relations = list(self._relations(group, ctx))
+        single = all(len(a) == group.atoms and np.array_equal(a, np.arange(group.atoms))
+                     for _, a, _ in relations)
+        if not (self.joint and self.estimator == "gaussian" and single and relations):
+            return super().select(group, ctx, k)
+        from surgery.selection import greedy_gaussian
+
+        return greedy_gaussian([(s, t) for s, _, t in relations], k)
 
 
 class Magnitude(Criterion):
@@ -94,8 +120,14 @@ class Random(Criterion):
         return np.random.default_rng([ctx.seed, group.id]).random(group.atoms)
 
 
+def _mi_topk(estimator: str = "gaussian") -> MutualInformation:
+    """The paper's plain variant: independent top-k by summed MI."""
+    return MutualInformation(estimator, joint=False)
+
+
 CRITERIA: dict[str, Callable[..., Criterion]] = {
     "mi": MutualInformation,
+    "mi_topk": _mi_topk,
     "magnitude": Magnitude,
     "random": Random,
 }

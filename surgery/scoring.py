@@ -26,16 +26,9 @@ def top_down(
     scores: dict[int, np.ndarray] = {}
     groups = sorted(ctx.coupling.prunable, key=lambda g: (-g.order, g.id))
     for step, group in enumerate(groups):
-        s = np.asarray(criterion.score(group, ctx), dtype=np.float64)
-        if s.shape != (group.atoms,):
-            raise ValueError(
-                f"criterion {criterion.name!r} returned {s.shape} scores for group "
-                f"{group.name!r} with {group.atoms} atoms."
-            )
-        s = np.nan_to_num(s, nan=-np.inf)
+        kept, s = criterion.select(group, ctx, counts[group.id])
         scores[group.id] = s
-        k = counts[group.id]
-        ctx.kept[group.id] = np.sort(np.argsort(-s, kind="stable")[:k])
+        ctx.kept[group.id] = kept
         if progress is not None:
             progress(step)
     return dict(ctx.kept), scores

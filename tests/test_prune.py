@@ -1,0 +1,171 @@
+"""prune(): budgets are met as measured by torch's FlopCounterMode, MI finds what matters."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import timm
+import torch
+import torchvision
+
+import surgery
+from surgery.errors import BudgetError, CalibrationError
+
+@pytest.fixture
+def mlp(zoo):
+    return zoo.make_model("mlp"), zoo.make_input("mlp")
+
+
+@pytest.fixture
+def cnn(zoo):
+    return zoo.make_model("small_cnn"), zoo.make_input("small_cnn")
+
+
+BUDGET_MODELS = {
+    "resnet18": lambda: torchvision.models.resnet18(),
+    "resnet50d": lambda: timm.create_model("resnet50d"),
+    "mobilenetv3_large_100": lambda: timm.create_model("mobilenetv3_large_100"),
+    "efficientnet_b0": lambda: timm.create_model("efficientnet_b0"),
+    "densenet121": lambda: timm.create_model("densenet121"),
+    "convnext_atto": lambda: timm.create_model("convnext_atto"),
+    "regnety_008": lambda: timm.create_model("regnety_008"),
+}
+
+
+@pytest.mark.parametrize("name", sorted(BUDGET_MODELS))
+def test_half_macs_removed_within_two_percent(name: str) -> None:
+    torch.manual_seed(0)
+    model = BUDGET_MODELS[name]().eval()
+    x = torch.randn(2, 3, 64, 64)
+    dense_macs = surgery.count_macs(model, x)
+    dense_out = model(x).shape
+    pruned, plan = surgery.prune(model, x, sparsity=0.5, budget="macs", criterion="magnitude")
+    removed = 1 - surgery.count_macs(pruned, x) / dense_macs
+    assert abs(removed - 0.5) <= 0.02 * 0.5, removed
+    assert pruned(x).shape == dense_out
+    assert surgery.count_params(pruned) < surgery.count_params(model)
+
+
+@pytest.mark.parametrize("name", ["resnet18", "mobilenetv3_large_100"])
+def test_half_params_removed_within_two_percent(name: str) -> None:
+    model = BUDGET_MODELS[name]().eval()
+    x = torch.randn(2, 3, 64, 64)
+    pruned, _ = surgery.prune(model, x, sparsity=0.5, budget="params", criterion="random")
+    removed = 1 - surgery.count_params(pruned) / surgery.count_params(model)
+    assert abs(removed - 0.5) <= 0.02 * 0.5, removed
+
+
+def test_hand_written_models_meet_the_budget(mlp, cnn) -> None:
+    for model, x in (mlp, cnn):
+        dense = surgery.count_macs(model, x)
+        pruned, _ = surgery.prune(model, x, sparsity=0.5, criterion="magnitude")
+        assert pruned(x).shape == model(x).shape
+        assert abs(1 - surgery.count_macs(pruned, x) / dense - 0.5) <= 0.01
+
+
+class Planted(torch.nn.Module):
+    """8 hidden channels; channel 5 copies the input feature that decides the label, the
+    others are random mixes of noise features. Every outgoing weight has the same norm, so
+    only the activations can tell channel 5 apart."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        g = torch.Generator().manual_seed(0)
+        self.hidden = torch.nn.Linear(9, 8)
+        self.out = torch.nn.Linear(8, 2)
+        with torch.no_grad():
+            w = torch.randn(8, 9, generator=g)
+            w[:, 0] = 0.0
+            w[5] = 0.0
+            w[5, 0] = 3.0
+            w = w / w.norm(dim=1, keepdim=True)
+            self.hidden.weight.copy_(w)
+            self.hidden.bias.zero_()
+            self.out.weight.fill_(0.5)
+            self.out.bias.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.out(self.hidden(x))
+
+
+def _planted_batches(n: int = 8) -> list[tuple[torch.Tensor, torch.Tensor]]:
+    g = torch.Generator().manual_seed(1)
+    out = []
+    for _ in range(n):
+        x = torch.randn(64, 9, generator=g)
+        y = (x[:, 0] > 0).long()
+        out.append((x, y))
+    return out
+
+
+def test_mi_ranks_the_planted_channel_first() -> None:
+    model = Planted().eval()
+    batches = _planted_batches()
+    plan = surgery.make_plan(model, batches[0][0], batches, sparsity=0.3, budget="params",
+                             criterion="mi", target="labels")
+    (decision,) = [g for g in plan.groups if g.atoms == 8]
+    scores = np.array(decision.scores)
+    assert int(np.argmax(scores)) == 5
+    assert scores[5] > 5 * np.delete(scores, 5).max()
+    assert 5 in decision.kept
+
+
+def test_magnitude_cannot_see_the_planted_channel() -> None:
+    """The control: the planted model is built so that weights alone carry no signal."""
+    model = Planted().eval()
+    x = torch.randn(4, 9)
+    plan = surgery.make_plan(model, x, sparsity=0.3, budget="params", criterion="magnitude")
+    (decision,) = [g for g in plan.groups if g.atoms == 8]
+    assert np.ptp(np.array(decision.scores)) < 1e-6
+
+
+def test_mi_plan_is_deterministic() -> None:
+    model = Planted().eval()
+    batches = _planted_batches()
+    a = surgery.make_plan(model, batches[0][0], batches, sparsity=0.3, budget="params")
+    b = surgery.make_plan(model, batches[0][0], batches, sparsity=0.3, budget="params")
+    assert a.to_json() == b.to_json()
+
+
+def test_global_allocation_meets_budget_and_differs_from_uniform(cnn) -> None:
+    model, x = cnn
+    batches = [torch.randn(8, *x.shape[1:]) for _ in range(3)]
+    uniform = surgery.make_plan(model, x, batches, 0.5)
+    glob = surgery.make_plan(model, x, batches, 0.5, allocation="global")
+    assert abs(1 - glob.budget["estimated_macs"] / glob.budget["dense_macs"] - 0.5) < 0.02
+    assert [g.kept for g in uniform.groups] != [g.kept for g in glob.groups]
+
+
+def test_round_to_multiple(cnn) -> None:
+    model, x = cnn
+    plan = surgery.make_plan(model, x, sparsity=0.4, criterion="magnitude", round_to=8)
+    for g in plan.groups:
+        assert len(g.kept) % 8 == 0 or len(g.kept) == g.atoms
+
+
+@pytest.mark.parametrize("sparsity", [-0.1, 1.0, 1.5, "half"])
+def test_sparsity_out_of_range_is_refused(cnn, sparsity) -> None:
+    model, x = cnn
+    with pytest.raises(BudgetError, match="sparsity must be a fraction in"):
+        surgery.prune(model, x, sparsity=sparsity, criterion="magnitude")
+
+
+def test_mi_without_calibration_data_is_refused(cnn) -> None:
+    model, x = cnn
+    with pytest.raises(CalibrationError, match="needs calibration data"):
+        surgery.prune(model, x, sparsity=0.5)
+
+
+def test_labels_target_without_labels_is_refused(cnn) -> None:
+    model, x = cnn
+    with pytest.raises(CalibrationError, match="needs labels"):
+        surgery.prune(model, x, [x], sparsity=0.5, target="labels")
+
+
+def test_prune_leaves_the_input_model_alone(cnn) -> None:
+    model, x = cnn
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    surgery.prune(model, x, [x], sparsity=0.5)
+    after = model.state_dict()
+    assert before.keys() == after.keys()
+    assert all(torch.equal(before[k], after[k]) for k in before)
