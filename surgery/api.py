@@ -47,6 +47,7 @@ def make_plan(
     min_keep: int = 1,
     max_batches: int | None = None,
     seed: int = 0,
+    distributed: bool | None = None,
     progress: Callable[[str, int], None] | None = None,
 ) -> PruningPlan:
     """Decide what to keep without touching the model; see :func:`prune` for the arguments."""
@@ -78,6 +79,7 @@ def make_plan(
         ctx.calibration = calibrate(
             coupling, calib_data, target=target, max_batches=max_batches,
             progress=(lambda i: progress("calibrate", i)) if progress else None,
+            distributed=distributed,
         )
     kept, scores = top_down(
         crit, ctx, counts, progress=(lambda i: progress("score", i)) if progress else None
@@ -113,6 +115,7 @@ def prune(
     seed: int = 0,
     inplace: bool = False,
     recalibrate: bool = True,
+    distributed: bool | None = None,
     progress: Callable[[str, int], None] | None = None,
 ) -> tuple[torch.nn.Module, PruningPlan]:
     """Prune ``model`` to remove ``sparsity`` of its ``budget`` ("macs" or "params").
@@ -127,6 +130,9 @@ def prune(
     - ``allocation``: ``uniform`` keep ratio per group, or ``global`` by normalised score.
     - ``round_to``: kept counts are multiples of this (e.g. 8 for hardware); ``min_keep``: the
       fewest atoms a group keeps.
+    - ``distributed``: under ``torch.distributed`` (auto-detected when None), each rank
+      folds in its share of ``calib_data`` and the statistics are all-reduced; every rank
+      returns the same plan (see :mod:`surgery.distributed`).
     - ``recalibrate``: re-estimate BatchNorm running statistics on ``calib_data`` after the
       cut (no labels, one pass; skipped when there is no BatchNorm or no data).
 
@@ -135,7 +141,8 @@ def prune(
     plan = make_plan(
         model, example_inputs, calib_data, sparsity, budget=budget, criterion=criterion,
         target=target, allocation=allocation, estimator=estimator, round_to=round_to,
-        min_keep=min_keep, max_batches=max_batches, seed=seed, progress=progress,
+        min_keep=min_keep, max_batches=max_batches, seed=seed, distributed=distributed,
+        progress=progress,
     )
     pruned = apply_plan(model, plan, example_inputs, inplace=inplace)
     if recalibrate and calib_data is not None:

@@ -179,8 +179,17 @@ def calibrate(
     grid: int = 4,
     max_batches: int | None = None,
     progress: Callable[[int], None] | None = None,
+    distributed: bool | None = None,
 ) -> Calibration:
-    """Fold ``calib_data`` into moment sums for every relation of ``coupling``."""
+    """Fold ``calib_data`` into moment sums for every relation of ``coupling``.
+
+    Under ``torch.distributed`` (``distributed=None`` detects an initialised group), rank r
+    folds in batches r, r + world, ... and the sums are all-reduced at the end, so every
+    rank returns the statistics of the whole data set."""
+    from surgery import distributed as dist_calib
+
+    distributed = dist_calib.active() if distributed is None else distributed
+    rank, world = (dist_calib.rank(), dist_calib.world_size()) if distributed else (0, 1)
     gm = coupling.capture.graph_module
     relations = coupling.relations
     result = Calibration(coupling)
@@ -202,6 +211,8 @@ def calibrate(
             for b, batch in enumerate(calib_data):
                 if max_batches is not None and b >= max_batches:
                     break
+                if b % world != rank:
+                    continue
                 inputs, labels = split_batch(batch)
                 inputs = to_device(inputs, device)
                 store.clear()
@@ -239,7 +250,12 @@ def calibrate(
     finally:
         gm.train(was_training)
     if result.batches == 0:
-        raise CalibrationError("calib_data yielded no batches; pass an iterable of batches.")
+        where = f" on rank {rank} of {world}" if distributed else ""
+        raise CalibrationError(f"calib_data yielded no batches{where}; pass an iterable of "
+                               "batches (at least one per rank).")
+    if distributed:
+        result.batches, result.samples = dist_calib.all_reduce_sums(
+            result.sums, result.batches, result.samples)
     return result
 
 
