@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 from typing import Any, Callable, Iterable
 
 import torch
@@ -10,6 +11,7 @@ from surgery.apply import apply_plan
 from surgery.budget import CostModel, check_sparsity, global_kept, uniform_counts
 from surgery.calibration import calibrate
 from surgery.capture import trace
+from surgery.compensation import compensate as compensate_readers
 from surgery.counting import count_macs, count_params, node_macs
 from surgery.criteria import ScoreContext, get_criterion
 from surgery.errors import BudgetError, CalibrationError
@@ -51,6 +53,35 @@ def make_plan(
     progress: Callable[[str, int], None] | None = None,
 ) -> PruningPlan:
     """Decide what to keep without touching the model; see :func:`prune` for the arguments."""
+    return _decide(
+        model, example_inputs, calib_data, sparsity, budget=budget, criterion=criterion,
+        target=target, allocation=allocation, estimator=estimator, round_to=round_to,
+        min_keep=min_keep, max_batches=max_batches, seed=seed, distributed=distributed,
+        progress=progress,
+    )[0]
+
+
+def _decide(
+    model: torch.nn.Module,
+    example_inputs: Any,
+    calib_data: Iterable[Any] | None,
+    sparsity: float,
+    *,
+    budget: str,
+    criterion: str,
+    target: str,
+    allocation: str,
+    estimator: str,
+    round_to: int,
+    min_keep: int,
+    max_batches: int | None,
+    seed: int,
+    distributed: bool | None,
+    progress: Callable[[str, int], None] | None,
+    statistics: bool = False,
+) -> tuple[PruningPlan, ScoreContext, dict]:
+    """make_plan's work, also returning the scoring context (coupling, statistics) and the
+    kept atoms, which compensation needs."""
     check_sparsity(sparsity, budget)
     if target not in TARGETS:
         raise ValueError(f"target must be one of {TARGETS}, got {target!r}.")
@@ -75,7 +106,7 @@ def make_plan(
     cost = CostModel(coupling, node_macs(coupling.capture.graph_module, coupling.capture.example_args))
     counts = uniform_counts(cost, sparsity, budget, round_to=round_to, min_keep=min_keep)
     ctx = ScoreContext(coupling, seed=seed)
-    if crit.needs_calibration:
+    if crit.needs_calibration or (statistics and calib_data is not None):
         ctx.calibration = calibrate(
             coupling, calib_data, target=target, max_batches=max_batches,
             progress=(lambda i: progress("calibrate", i)) if progress else None,
@@ -87,7 +118,7 @@ def make_plan(
     if allocation == "global":
         kept = global_kept(cost, scores, sparsity, budget, round_to=round_to, min_keep=min_keep)
     estimate = cost.cost(cost.mask(kept))
-    return build_plan(
+    plan = build_plan(
         coupling, kept, criterion=criterion, target=target, scores=scores,
         budget={
             "kind": budget, "sparsity": sparsity, "allocation": allocation,
@@ -96,6 +127,7 @@ def make_plan(
             "estimated_params": estimate.params, "estimated_macs": estimate.macs,
         },
     )
+    return plan, ctx, kept
 
 
 def prune(
@@ -115,6 +147,7 @@ def prune(
     seed: int = 0,
     inplace: bool = False,
     recalibrate: bool = True,
+    compensate: bool = True,
     distributed: bool | None = None,
     progress: Callable[[str, int], None] | None = None,
 ) -> tuple[torch.nn.Module, PruningPlan]:
@@ -133,18 +166,24 @@ def prune(
     - ``distributed``: under ``torch.distributed`` (auto-detected when None), each rank
       folds in its share of ``calib_data`` and the statistics are all-reduced; every rank
       returns the same plan (see :mod:`surgery.distributed`).
+    - ``compensate``: refit every conv/linear that reads a cut group by least squares from
+      its kept inputs (uses the calibration statistics; skipped without them).
     - ``recalibrate``: re-estimate BatchNorm running statistics on ``calib_data`` after the
       cut (no labels, one pass; skipped when there is no BatchNorm or no data).
 
     Returns ``(pruned_model, plan)``. The input model is not modified unless ``inplace``.
     """
-    plan = make_plan(
+    plan, ctx, kept = _decide(
         model, example_inputs, calib_data, sparsity, budget=budget, criterion=criterion,
         target=target, allocation=allocation, estimator=estimator, round_to=round_to,
         min_keep=min_keep, max_batches=max_batches, seed=seed, distributed=distributed,
-        progress=progress,
+        progress=progress, statistics=compensate,
     )
-    pruned = apply_plan(model, plan, example_inputs, inplace=inplace)
+    target_model = model if inplace else copy.deepcopy(model)
+    if compensate and ctx.calibration is not None:
+        plan.extra["compensated"] = compensate_readers(target_model, ctx.coupling,
+                                                       ctx.calibration, kept)
+    pruned = apply_plan(target_model, plan, example_inputs, inplace=True)
     if recalibrate and calib_data is not None:
         plan.extra["recalibrated_batchnorms"] = recalibrate_batchnorm(pruned, calib_data, max_batches)
     plan.budget["params"] = count_params(pruned)
