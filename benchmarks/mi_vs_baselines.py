@@ -1,0 +1,276 @@
+"""MI pruning side by side with the structural and weight-based pruners users would pick.
+
+For one model and several sizes (share of parameters removed), in one run: ours (`mi`: joint
+MI selection, `mi_topk`: the paper's independent top-k, `magnitude`; all with least-squares
+compensation and BatchNorm re-estimation) against Torch-Pruning 1.6 (group L2 magnitude, group
+Taylor, random; followed by the same BatchNorm re-estimation), unstructured global L1 magnitude, and movement pruning (unstructured, scores
+learned during the recovery fine-tune). Accuracy with no retraining and after the same short
+distillation recovery for every method, parameters, CPU latency (batch 32) and pruning time;
+a table and an accuracy-vs-size plot in docs/benchmarks/.
+
+Models (see ../shared/assets.md for the data):
+- ``cnn``: a ResNet-18 trained on Fashion-MNIST (the demo's, cached).
+
+Usage: ``python benchmarks/mi_vs_baselines.py --model cnn [--sizes 0.3,0.5,0.75]
+[--recovery-steps 100]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import DOCS, machine, markdown_table, write_result  # noqa: E402
+
+
+@dataclass
+class Task:
+    """A trained model with its data and how to score it."""
+
+    name: str
+    title: str
+    model: torch.nn.Module
+    example: Any
+    calib: list[Any]
+    train: list[Any]
+    evaluate: Callable[[torch.nn.Module], float]
+    latency_input: Any
+    scope: Callable[[torch.nn.Module], int]
+    ignored: Callable[[torch.nn.Module], list[torch.nn.Module]]
+    loss: Callable[[torch.nn.Module, Any], torch.Tensor]
+
+
+def cnn_task() -> Task:
+    from surgery import demo as job
+    from surgery.datasets import AssetMissing, fashion_mnist
+
+    try:
+        tx, ty = fashion_mnist("train")
+        vx, vy = fashion_mnist("test")
+    except AssetMissing as exc:
+        sys.exit(str(exc))
+    model = job.resnet18_fashion()
+    cx, cy = job.prepare(tx[-512:]), ty[-512:]
+    rx, ry = job.prepare(tx[-4096:-512]), ty[-4096:-512]
+    vx, vy = job.prepare(vx[:2000]), vy[:2000]
+    return Task(
+        name="cnn", title="ResNet-18 trained on Fashion-MNIST (32x32)", model=model,
+        example=vx[:2], calib=[(cx[i:i + 64], cy[i:i + 64]) for i in range(0, 512, 64)],
+        train=[(rx[i:i + 64], ry[i:i + 64]) for i in range(0, len(rx), 64)],
+        evaluate=lambda m: job.accuracy(m, vx, vy), latency_input=vx[:32],
+        scope=lambda m: sum(p.numel() for p in m.parameters()),
+        ignored=lambda m: [m.fc],
+        loss=lambda m, b: F.cross_entropy(m(b[0]), b[1]),
+    )
+
+
+TASKS = {"cnn": cnn_task}
+
+
+# ---- methods ------------------------------------------------------------------------------
+
+def ours(criterion: str) -> Callable[[Task, float], torch.nn.Module]:
+    def run(task: Task, size: float) -> torch.nn.Module:
+        import surgery
+
+        pruned, _ = surgery.prune(task.model, task.example, task.calib, sparsity=size,
+                                  budget="params", criterion=criterion, target="output")
+        return pruned
+    return run
+
+
+def torch_pruning(kind: str) -> Callable[[Task, float], torch.nn.Module]:
+    """Torch-Pruning's MetaPruner, its channel ratio bisected to remove ``size`` of params,
+    followed by the same BatchNorm re-estimation our methods get."""
+    def make(task: Task, ratio: float) -> torch.nn.Module:
+        import torch_pruning as tp
+
+        from surgery.recovery import recalibrate_batchnorm
+
+        model = copy.deepcopy(task.model)
+        imp = {"magnitude": tp.importance.GroupMagnitudeImportance(p=2),
+               "taylor": tp.importance.GroupTaylorImportance(),
+               "random": tp.importance.RandomImportance()}[kind]
+        pruner = tp.pruner.MetaPruner(model, task.example, importance=imp, pruning_ratio=ratio,
+                                      ignored_layers=task.ignored(model))
+        if kind == "taylor":
+            model.zero_grad()
+            for batch in task.calib[:4]:
+                task.loss(model, batch).backward()
+        pruner.step()
+        model.zero_grad()
+        recalibrate_batchnorm(model, task.calib)  # the same post-step our methods get
+        return model.eval()
+
+    def run(task: Task, size: float) -> torch.nn.Module:
+        dense = task.scope(task.model)
+        lo, hi = 0.0, 0.95
+        best = None
+        for _ in range(12):
+            mid = (lo + hi) / 2
+            model = make(task, mid)
+            removed = 1 - task.scope(model) / dense
+            if best is None or abs(removed - size) < abs(best[0] - size):
+                best = (removed, model)
+            if abs(removed - size) < 0.005:
+                break
+            lo, hi = (mid, hi) if removed < size else (lo, mid)
+        return best[1]
+    return run
+
+
+def unstructured(task: Task, size: float) -> torch.nn.Module:
+    """Global L1 magnitude over every conv/linear weight in scope (masks, no speedup)."""
+    import torch.nn.utils.prune as prune
+
+    model = copy.deepcopy(task.model)
+    ignored = set(map(id, task.ignored(model)))
+    targets = [(m, "weight") for m in model.modules()
+               if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and id(m) not in ignored]
+    total = task.scope(model)
+    prunable = sum(m.weight.numel() for m, _ in targets)
+    amount = min(1.0, size * total / prunable)
+    prune.global_unstructured(targets, pruning_method=prune.L1Unstructured, amount=amount)
+    for m, name in targets:
+        prune.remove(m, name)
+    return model.eval()
+
+
+METHODS: dict[str, Callable[[Task, float], torch.nn.Module]] = {
+    "ours: mi (joint)": ours("mi"),
+    "ours: mi_topk": ours("mi_topk"),
+    "ours: magnitude": ours("magnitude"),
+    "Torch-Pruning: group L2 magnitude": torch_pruning("magnitude"),
+    "Torch-Pruning: group Taylor": torch_pruning("taylor"),
+    "Torch-Pruning: random": torch_pruning("random"),
+    "unstructured L1 magnitude": unstructured,
+}
+
+
+def movement(task: Task, size: float, steps: int) -> torch.nn.Module:
+    """Movement pruning (first order, unstructured): scores -W * dL/dW summed over the same
+    recovery steps the other methods get, then the lowest-scoring weights are masked."""
+    from surgery.recovery import distill
+
+    model = copy.deepcopy(task.model)
+    ignored = set(map(id, task.ignored(model)))
+    layers = [m for m in model.modules()
+              if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and id(m) not in ignored]
+    scores = {m: torch.zeros_like(m.weight) for m in layers}
+    before = {m: m.weight.detach().clone() for m in layers}
+
+    def accumulate(student: torch.nn.Module) -> None:
+        for m in layers:
+            # -W * dL/dW, with the step standing in for -lr * dL/dW: weights moving away from
+            # zero score high.
+            scores[m] += before[m] * (m.weight.detach() - before[m])
+            before[m] = m.weight.detach().clone()
+
+    distill(model, task.model, task.train, steps, lr=1e-4, on_step=accumulate, progress=False)
+    flat = torch.cat([scores[m].flatten() for m in layers])
+    k = int(min(1.0, size * task.scope(model) / flat.numel()) * flat.numel())
+    threshold = flat.kthvalue(max(1, k)).values
+    with torch.no_grad():
+        for m in layers:
+            m.weight.mul_((scores[m] > threshold).to(m.weight.dtype))
+    return model.eval()
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--model", choices=sorted(TASKS), default="cnn")
+    parser.add_argument("--sizes", default="0.3,0.5,0.75")
+    parser.add_argument("--recovery-steps", type=int, default=100)
+    parser.add_argument("--methods", default="", help="comma-separated subset of methods")
+    args = parser.parse_args()
+
+    import surgery
+    from surgery.recovery import distill
+
+    task = TASKS[args.model]()
+    sizes = [float(s) for s in args.sizes.split(",")]
+    wanted = [m for m in METHODS if not args.methods or any(w in m for w in args.methods.split(","))]
+    dense_acc = task.evaluate(task.model)
+    dense_params = task.scope(task.model)
+    dense_lat = surgery.measure_latency(task.model, task.latency_input, repeats=5)
+    rows: list[dict] = []
+    for size in sizes:
+        for name in wanted:
+            start = time.perf_counter()
+            pruned = METHODS[name](task, size)
+            seconds = time.perf_counter() - start
+            acc = task.evaluate(pruned)
+            lat = surgery.measure_latency(pruned, task.latency_input, repeats=5)
+            distill(pruned, task.model, task.train, args.recovery_steps, lr=1e-4)
+            rows.append({
+                "removed": f"{1 - task.scope(pruned) / dense_params:.0%}"
+                if "unstructured" not in name else f"{size:.0%} (masked)",
+                "target": size, "method": name, "no retraining": f"{acc:.3f}",
+                "after recovery": f"{task.evaluate(pruned):.3f}",
+                "latency vs dense": f"{lat / dense_lat:.2f}x", "pruning s": f"{seconds:.1f}",
+            })
+            print(rows[-1], flush=True)
+        start = time.perf_counter()
+        moved = movement(task, size, args.recovery_steps)
+        rows.append({
+            "removed": f"{size:.0%} (masked)", "target": size,
+            "method": "movement pruning (needs the fine-tune)", "no retraining": "-",
+            "after recovery": f"{task.evaluate(moved):.3f}",
+            "latency vs dense": f"{surgery.measure_latency(moved, task.latency_input, repeats=5) / dense_lat:.2f}x",
+            "pruning s": f"{time.perf_counter() - start:.1f}",
+        })
+        print(rows[-1], flush=True)
+    plot = _plot(task, rows, dense_acc)
+    body = (
+        f"{task.title}; dense accuracy {dense_acc:.3f}, {dense_params:,} parameters in scope, "
+        f"dense latency {dense_lat * 1e3:.1f} ms (batch 32). Recovery: {args.recovery_steps} "
+        "distillation steps (AdamW, lr 1e-4, KL on logits at T=2), the same for every method. "
+        f"Our methods: least-squares compensation and BatchNorm re-estimation on the "
+        f"calibration batches, no labels.\nMachine: {machine()}.\n\n"
+        + markdown_table(rows, ["removed", "method", "no retraining", "after recovery",
+                                "latency vs dense", "pruning s"])
+        + f"\n\n![accuracy vs size]({plot.name})\n\nReproduce: `python benchmarks/"
+        f"mi_vs_baselines.py --model {args.model} --sizes {args.sizes} --recovery-steps "
+        f"{args.recovery_steps}`.\n"
+    )
+    write_result(f"mi_vs_baselines_{task.name}", f"MI vs baselines: {task.title}", body)
+
+
+def _plot(task: Task, rows: list[dict], dense_acc: float) -> Path:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
+    for ax, column in zip(axes, ("no retraining", "after recovery")):
+        for method in dict.fromkeys(r["method"] for r in rows):
+            pts = [(r["target"], float(r[column])) for r in rows
+                   if r["method"] == method and r[column] != "-"]
+            if pts:
+                ax.plot(*zip(*pts), marker="o", label=method,
+                        linewidth=2.5 if method.startswith("ours: mi") else 1)
+        ax.axhline(dense_acc, color="gray", linestyle=":", label="dense")
+        ax.set_title(column)
+        ax.set_xlabel("share of parameters removed")
+    axes[0].set_ylabel("accuracy")
+    axes[1].legend(fontsize=7, loc="lower left")
+    fig.suptitle(task.title)
+    fig.tight_layout()
+    DOCS.mkdir(parents=True, exist_ok=True)
+    path = DOCS / f"mi_vs_baselines_{task.name}.png"
+    fig.savefig(path, dpi=110)
+    return path
+
+
+if __name__ == "__main__":
+    main()
