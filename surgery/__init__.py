@@ -18,17 +18,19 @@ from surgery.errors import (
     CalibrationError,
     CaptureError,
     PlanError,
+    PluginError,
     SurgeryError,
     VerificationError,
 )
+from surgery import io
 from surgery.hookspecs import hookimpl
 from surgery.plan import PruningPlan
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "prune", "make_plan", "groups", "couple", "trace", "apply_plan", "PruningPlan",
+    "prune", "make_plan", "groups", "couple", "trace", "apply_plan", "PruningPlan", "io",
     "count_params", "count_macs", "measure_latency", "hookimpl",
     "SurgeryError", "CaptureError", "BudgetError", "CalibrationError", "PlanError",
-    "VerificationError",
+    "VerificationError", "PluginError",
 ]

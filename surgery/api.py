@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import copy
+import numbers
 from typing import Any, Callable, Iterable
 
 import torch
@@ -41,6 +42,8 @@ def make_plan(
     sparsity: float = 0.5,
     *,
     budget: str = "macs",
+    budget_scope: str | tuple[str, ...] = (),
+    kinds: Iterable[str] | None = None,
     criterion: str = "mi",
     target: str = "output",
     allocation: str = "uniform",
@@ -54,7 +57,8 @@ def make_plan(
 ) -> PruningPlan:
     """Decide what to keep without touching the model; see :func:`prune` for the arguments."""
     return _decide(
-        model, example_inputs, calib_data, sparsity, budget=budget, criterion=criterion,
+        model, example_inputs, calib_data, sparsity, budget=budget, budget_scope=budget_scope,
+        kinds=kinds, criterion=criterion,
         target=target, allocation=allocation, estimator=estimator, round_to=round_to,
         min_keep=min_keep, max_batches=max_batches, seed=seed, distributed=distributed,
         progress=progress,
@@ -68,6 +72,8 @@ def _decide(
     sparsity: float,
     *,
     budget: str,
+    budget_scope: str | tuple[str, ...],
+    kinds: Iterable[str] | None,
     criterion: str,
     target: str,
     allocation: str,
@@ -84,11 +90,14 @@ def _decide(
     kept atoms, which compensation needs."""
     check_sparsity(sparsity, budget)
     if target not in TARGETS:
-        raise ValueError(f"target must be one of {TARGETS}, got {target!r}.")
+        raise CalibrationError(f"target must be one of {TARGETS}, got {target!r}.")
     if allocation not in ALLOCATIONS:
-        raise ValueError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}.")
-    if round_to < 1 or min_keep < 1:
-        raise BudgetError(f"round_to and min_keep must be >= 1 (got {round_to}, {min_keep}).")
+        raise BudgetError(f"allocation must be one of {ALLOCATIONS}, got {allocation!r}.")
+    if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1
+               for v in (round_to, min_keep)):
+        raise BudgetError(
+            f"round_to and min_keep must be whole numbers >= 1 (got {round_to!r}, {min_keep!r})."
+        )
     options = {"estimator": estimator} if criterion in ("mi", "mi_topk") else {}
     crit = get_criterion(criterion, **options)
     if crit.needs_calibration and calib_data is None:
@@ -98,12 +107,18 @@ def _decide(
             "criterion='magnitude'."
         )
     coupling = couple(model, example_inputs)
+    if kinds is not None:
+        for g in coupling.groups:
+            if g.prunable and g.kind not in kinds:
+                g.prunable, g.reason = False, f"kind {g.kind!r} not in kinds={sorted(kinds)}"
     if not coupling.prunable and sparsity > 0:
         raise BudgetError(
             f"no prunable channel group in {type(model).__name__}: every channel reaches an "
             "input, an output or an unsupported op (see surgery.groups(...) reasons)."
         )
-    cost = CostModel(coupling, node_macs(coupling.capture.graph_module, coupling.capture.example_args))
+    scope = (budget_scope,) if isinstance(budget_scope, str) else tuple(budget_scope)
+    cost = CostModel(coupling, node_macs(coupling.capture.graph_module,
+                                         coupling.capture.example_args), scope)
     counts = uniform_counts(cost, sparsity, budget, round_to=round_to, min_keep=min_keep)
     ctx = ScoreContext(coupling, seed=seed)
     if crit.needs_calibration or (statistics and calib_data is not None):
@@ -121,7 +136,7 @@ def _decide(
     plan = build_plan(
         coupling, kept, criterion=criterion, target=target, scores=scores,
         budget={
-            "kind": budget, "sparsity": sparsity, "allocation": allocation,
+            "kind": budget, "scope": list(scope), "sparsity": sparsity, "allocation": allocation,
             "round_to": round_to, "min_keep": min_keep, "estimator": estimator,
             "dense_params": cost.dense.params, "dense_macs": cost.dense.macs,
             "estimated_params": estimate.params, "estimated_macs": estimate.macs,
@@ -137,6 +152,8 @@ def prune(
     sparsity: float = 0.5,
     *,
     budget: str = "macs",
+    budget_scope: str | tuple[str, ...] = (),
+    kinds: Iterable[str] | None = None,
     criterion: str = "mi",
     target: str = "output",
     allocation: str = "uniform",
@@ -155,6 +172,10 @@ def prune(
 
     - ``example_inputs``: one batch as the model takes it (tensor, tuple, or dict of kwargs);
       fixes the shapes the graph is traced with and checks the pruned model.
+    - ``budget_scope``: parameter-name prefixes the params budget counts (e.g.
+      ``"bert.encoder"`` for "encoder parameters removed"); default: all parameters.
+    - ``kinds``: only cut groups of these kinds (e.g. ``{"neuron", "head"}`` to keep a
+      transformer's hidden size); default: every prunable group.
     - ``calib_data``: iterable of batches (``inputs``, ``(inputs, labels)`` or dicts with
       ``labels``) for criteria that need activations (``mi``).
     - ``criterion``: ``mi`` (default), ``magnitude``, ``random`` or a plugin's.
@@ -174,7 +195,8 @@ def prune(
     Returns ``(pruned_model, plan)``. The input model is not modified unless ``inplace``.
     """
     plan, ctx, kept = _decide(
-        model, example_inputs, calib_data, sparsity, budget=budget, criterion=criterion,
+        model, example_inputs, calib_data, sparsity, budget=budget, budget_scope=budget_scope,
+        kinds=kinds, criterion=criterion,
         target=target, allocation=allocation, estimator=estimator, round_to=round_to,
         min_keep=min_keep, max_batches=max_batches, seed=seed, distributed=distributed,
         progress=progress, statistics=compensate,

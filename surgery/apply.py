@@ -9,12 +9,14 @@ an architecture (head counts, configs) through ``surgery_fix_module`` / ``surger
 from __future__ import annotations
 
 import copy
+import numbers
 from typing import Any, Callable
 
 import torch
 import torch.nn as nn
 
-from surgery.errors import PlanError, VerificationError
+from surgery.modes import restore_modes, training_modes
+from surgery.errors import CaptureError, PlanError, SurgeryError, VerificationError
 from surgery.inputs import call
 from surgery.plan import PruningPlan, fingerprint
 
@@ -77,11 +79,13 @@ def check_plan(model: nn.Module, plan: PruningPlan) -> None:
     actual = fingerprint(model)
     if actual != plan.fingerprint:
         state = model.state_dict()
-        diff = [k for k, shape in plan.shapes.items()
-                if k not in state or list(state[k].shape) != shape][:3]
+        diff = ([k for k, shape in plan.shapes.items()
+                 if k not in state or list(state[k].shape) != shape]
+                + [k for k in state if k not in plan.shapes])[:3]
+        what = diff or f"model class {type(model).__name__}"
         raise PlanError(
             f"this plan was made for a different model (fingerprint {plan.fingerprint}, model "
-            f"has {actual}; first differences: {diff or 'parameter set'}). Apply it to a fresh "
+            f"has {actual}; first differences: {what}). Apply it to a fresh "
             f"copy of the model it was made for ({plan.model_class or 'see plan.model_class'})."
         )
     state = model.state_dict()
@@ -89,42 +93,61 @@ def check_plan(model: nn.Module, plan: PruningPlan) -> None:
         if param not in state:
             raise PlanError(f"the plan slices {param!r}, which the model does not have.")
         for dim, kept in dims.items():
+            ndim = state[param].ndim
+            if not isinstance(dim, numbers.Integral) or not 0 <= dim < ndim:
+                raise PlanError(f"the plan slices dim {dim!r} of {param!r}, which has {ndim} "
+                                "dims; the plan is corrupt or for another model.")
             size = state[param].shape[dim]
             if not kept:
                 raise PlanError(f"the plan keeps nothing of {param!r} dim {dim}; keep at least one.")
-            if min(kept) < 0 or max(kept) >= size:
-                raise PlanError(f"the plan keeps index {max(kept)} of {param!r} dim {dim} "
-                                f"(size {size}).")
+            if not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in kept):
+                raise PlanError(f"the plan's kept positions of {param!r} dim {dim} must be "
+                                "integers; the plan is corrupt.")
+            bad = [i for i in kept if not 0 <= i < size]
+            if bad:
+                raise PlanError(f"the plan keeps index {bad[0]} of {param!r} dim {dim} "
+                                f"(size {size}); the plan is corrupt or for another model.")
+            if any(a >= b for a, b in zip(kept, kept[1:])):
+                raise PlanError(f"the plan's kept positions of {param!r} dim {dim} must be "
+                                "strictly increasing (each kept once, in order); the plan is "
+                                "corrupt.")
 
 
 def slice_model(model: nn.Module, plan: PruningPlan) -> nn.Module:
     """Slice ``model`` in place according to ``plan`` and fix every touched module."""
     old_shapes: dict[str, dict[str, tuple[int, ...]]] = {}
     touched: dict[str, nn.Module] = {}
+    done: dict[int, tuple[Any, torch.Tensor]] = {}  # tied tensors stay tied when cut alike
     with torch.no_grad():
         for name, dims in plan.keep.items():
             owner, module_name, attr = _owner(model, name)
             tensor = getattr(owner, attr)
             old_shapes.setdefault(module_name, {})[attr] = tuple(tensor.shape)
-            new = tensor.data
-            for dim, kept in sorted(dims.items()):
-                index = torch.as_tensor(kept, dtype=torch.long, device=new.device)
-                new = new.index_select(dim, index)
-            new = new.contiguous()
-            if isinstance(tensor, nn.Parameter):
-                setattr(owner, attr, nn.Parameter(new, requires_grad=tensor.requires_grad))
+            previous = done.get(id(tensor))
+            if previous is not None and previous[0] == dims:
+                replacement = previous[1]
             else:
-                owner._buffers[attr] = new
+                new = tensor.data
+                for dim, kept in sorted(dims.items()):
+                    index = torch.as_tensor(kept, dtype=torch.long, device=new.device)
+                    new = new.index_select(dim, index)
+                new = new.contiguous()
+                replacement = (nn.Parameter(new, requires_grad=tensor.requires_grad)
+                               if isinstance(tensor, nn.Parameter) else new)
+                done[id(tensor)] = (dims, replacement)
+            if isinstance(tensor, nn.Parameter):
+                setattr(owner, attr, replacement)
+            else:
+                owner._buffers[attr] = replacement
             touched[module_name] = owner
-    from surgery.plugins import plugin_manager
+    from surgery.plugins import call_hook
 
-    pm = plugin_manager()
     for module_name, module in touched.items():
         fix = _fixer(module)
         if fix is not None:
             fix(module, old_shapes[module_name])
-        pm.hook.surgery_fix_module(name=module_name, module=module, model=model)
-    pm.hook.surgery_fix_model(model=model)
+        call_hook("surgery_fix_module", name=module_name, module=module, model=model)
+    call_hook("surgery_fix_model", model=model)
     return model
 
 
@@ -140,7 +163,7 @@ def _shapes(value: Any) -> Any:
 
 def verify(dense_shapes: Any, pruned: nn.Module, example_inputs: Any) -> None:
     """Run the pruned model and compare its output shapes with the dense model's."""
-    was_training = pruned.training
+    modes = training_modes(pruned)
     pruned.eval()
     try:
         with torch.no_grad():
@@ -152,7 +175,7 @@ def verify(dense_shapes: Any, pruned: nn.Module, example_inputs: Any) -> None:
             "or freeze that module with surgery_frozen_modules."
         ) from exc
     finally:
-        pruned.train(was_training)
+        restore_modes(modes)
     if _shapes(out) != dense_shapes:
         raise VerificationError(
             f"the pruned model's output shapes {_shapes(out)} differ from the dense model's "
@@ -168,13 +191,30 @@ def apply_plan(
     check_plan(model, plan)
     dense_shapes = None
     if example_inputs is not None:
-        was_training = model.training
+        modes = training_modes(model)
         model.eval()
-        with torch.no_grad():
-            dense_shapes = _shapes(call(model, example_inputs))
-        model.train(was_training)
+        try:
+            with torch.no_grad():
+                dense_shapes = _shapes(call(model, example_inputs))
+        except Exception as exc:
+            raise CaptureError(
+                f"the unpruned {type(model).__name__} fails on example_inputs: "
+                f"{type(exc).__name__}: {exc}. Pass one batch exactly as the model's forward "
+                "takes it (tensor, tuple of positional inputs, or dict of keyword inputs)."
+            ) from exc
+        finally:
+            restore_modes(modes)
     target = model if inplace else copy.deepcopy(model)
-    slice_model(target, plan)
+    try:
+        slice_model(target, plan)
+    except SurgeryError:
+        raise
+    except Exception as exc:
+        raise PlanError(
+            f"slicing {type(model).__name__} by the plan failed: {type(exc).__name__}: {exc}. "
+            "Either the plan's kept positions do not fit this model's layers (re-create the "
+            "plan) or a layer fix-up is wrong (report it with the model class)."
+        ) from exc
     if example_inputs is not None:
         verify(dense_shapes, target, example_inputs)
     return target

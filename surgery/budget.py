@@ -32,11 +32,18 @@ class Cost:
 class CostModel:
     """Prices a keep mask over atom labels; see the module docstring."""
 
-    def __init__(self, coupling: Coupling, macs_per_node: dict[str, int]) -> None:
+    def __init__(self, coupling: Coupling, macs_per_node: dict[str, int],
+                 scope: tuple[str, ...] = ()) -> None:
+        """``scope``: parameter-name prefixes the params budget counts (e.g. the encoder's);
+        empty counts every parameter."""
         self.coupling = coupling
         self.n_labels = int(coupling.label_of.max()) + 1 if len(coupling.label_of) else 0
         records = coupling.record_labels()
-        params = dict(coupling.capture.model.named_parameters())
+        params = {n: p for n, p in coupling.capture.model.named_parameters()
+                  if not scope or n.startswith(scope)}
+        if not params:
+            raise BudgetError(f"no parameter name starts with {scope}; budget_scope takes "
+                              "prefixes of model.named_parameters() names, e.g. 'bert.encoder'.")
         self.param_terms: list[tuple[int, list[np.ndarray]]] = []
         tracked = 0
         for name, p in params.items():
@@ -109,9 +116,12 @@ def uniform_counts(cost: CostModel, sparsity: float, kind: str, *, round_to: int
 
     most = removed(counts(0.0))
     if sparsity > most + 1e-9:
+        whole = [g for g in groups if g.atoms <= min_keep]
+        note = (f"; min_keep={min_keep} keeps {len(whole)} of the {len(groups)} prunable groups "
+                f"whole (largest group: {max(g.atoms for g in groups)} atoms)") if whole else ""
         raise BudgetError(
             f"at most {most:.1%} of {kind} can be removed from this model (every prunable group "
-            f"down to {min_keep} atom(s)); asked for {sparsity:.1%}. Lower the sparsity or "
+            f"down to {min_keep} atom(s){note}); asked for {sparsity:.1%}. Lower the sparsity or "
             "min_keep, or unfreeze modules."
         )
     lo, hi = 0.0, 1.0

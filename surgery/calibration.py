@@ -21,6 +21,7 @@ import torch
 import torch.fx as fx
 import torch.nn.functional as F
 
+from surgery.modes import restore_modes, training_modes
 from surgery.errors import CalibrationError
 from surgery.groups import OUTPUT, Coupling, Probe
 from surgery.inputs import as_args, first_tensor, to_device
@@ -124,15 +125,28 @@ def _columns(pooled: torch.Tensor, feats: Features) -> torch.Tensor:
     return out / torch.bincount(index).clamp_min(1)
 
 
-def _align(x: torch.Tensor, t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Rows of samples for both sides: per position when layouts agree, else per example."""
+def _align(x: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None = None
+           ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows of samples for both sides: per position when layouts agree, else per example.
+
+    ``mask`` (batch, tokens), from an ``attention_mask`` input, drops padding tokens from
+    token-level rows and from per-example means: padding would otherwise dominate the
+    statistics of short texts."""
     if x.shape[:-1] == t.shape[:-1]:
+        if mask is not None and x.shape[:-1] == mask.shape:
+            keep = mask.reshape(-1).bool()
+            return x.reshape(-1, x.shape[-1])[keep], t.reshape(-1, t.shape[-1])[keep]
         return x.reshape(-1, x.shape[-1]), t.reshape(-1, t.shape[-1])
-    if x.ndim > 2:
-        x = x.mean(dim=tuple(range(1, x.ndim - 1)))
-    if t.ndim > 2:
-        t = t.mean(dim=tuple(range(1, t.ndim - 1)))
-    return x, t
+    return _per_example(x, mask), _per_example(t, mask)
+
+
+def _per_example(v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    if v.ndim <= 2:
+        return v
+    if mask is not None and v.shape[:-1] == mask.shape:
+        w = mask.to(v.dtype).unsqueeze(-1)
+        return (v * w).sum(1) / w.sum(1).clamp_min(1)
+    return v.mean(dim=tuple(range(1, v.ndim - 1)))
 
 
 def split_batch(batch: Any) -> tuple[Any, torch.Tensor | None]:
@@ -188,23 +202,29 @@ def calibrate(
     rank returns the statistics of the whole data set."""
     from surgery import distributed as dist_calib
 
+    if isinstance(calib_data, (torch.Tensor, str, bytes, dict)) or not hasattr(calib_data, "__iter__"):
+        raise CalibrationError(
+            f"calib_data must be an iterable of batches (a list [batch, ...] or a DataLoader), "
+            f"got {type(calib_data).__name__}; batches look like example_inputs: "
+            f"{expected_inputs(coupling.capture)}."
+        )
     distributed = dist_calib.active() if distributed is None else distributed
     rank, world = (dist_calib.rank(), dist_calib.world_size()) if distributed else (0, 1)
     gm = coupling.capture.graph_module
     relations = coupling.relations
     result = Calibration(coupling)
-    needed: dict[str, int] = {}
+    needed: dict[tuple[str, int], None] = {}
     for i, rel in enumerate(relations):
-        needed[rel.probe.node] = rel.probe.axis
+        needed[rel.probe.node, rel.probe.axis] = None
         result.x_features[i] = _features(rel.probe)
         if rel.target != OUTPUT:
-            tprobe = coupling.probes[rel.target]
-            needed[tprobe.node] = tprobe.axis
+            tprobe = rel.target_probe or coupling.probes[rel.target]
+            needed[tprobe.node, tprobe.axis] = None
             result.t_features[i] = _features(tprobe)
 
     instrumented, store = _instrument(gm, needed, grid)
     device = next((p.device for p in gm.parameters()), torch.device("cpu"))
-    was_training = gm.training
+    modes = training_modes(gm)
     instrumented.eval()
     try:
         with torch.no_grad():
@@ -214,6 +234,7 @@ def calibrate(
                 if b % world != rank:
                     continue
                 inputs, labels = split_batch(batch)
+                check_batch(b, inputs, coupling.capture)
                 inputs = to_device(inputs, device)
                 store.clear()
                 args, kwargs = as_args(inputs)
@@ -222,19 +243,22 @@ def calibrate(
                 except Exception as exc:
                     raise CalibrationError(
                         f"calibration batch {b} does not run through the model: "
-                        f"{type(exc).__name__}: {exc}. Batches must look like example_inputs "
-                        "(same type, dtype and dims; batch size may differ)."
+                        f"{type(exc).__name__}: {exc}. Batches must look like example_inputs: "
+                        f"{expected_inputs(coupling.capture)} (only the batch size N may "
+                        "differ)."
                     ) from exc
                 top = None
+                mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
                 for i, rel in enumerate(relations):
-                    x = _columns(store[rel.probe.node], result.x_features[i])
+                    x = _columns(store[rel.probe.node, rel.probe.axis], result.x_features[i])
                     if rel.target == OUTPUT:
                         if top is None:
                             top = top_signal(output, None if labels is None else labels.to(device), target)
                         t = top
                     else:
-                        t = _columns(store[coupling.probes[rel.target].node], result.t_features[i])
-                    x, t = _align(x, t)
+                        tprobe = rel.target_probe or coupling.probes[rel.target]
+                        t = _columns(store[tprobe.node, tprobe.axis], result.t_features[i])
+                    x, t = _align(x, t, mask)
                     z = torch.cat([x, t.to(x.device)], dim=1)
                     if not torch.isfinite(z).all():
                         raise CalibrationError(
@@ -248,7 +272,7 @@ def calibrate(
                 if progress is not None:
                     progress(b)
     finally:
-        gm.train(was_training)
+        restore_modes(modes)
     if result.batches == 0:
         where = f" on rank {rank} of {world}" if distributed else ""
         raise CalibrationError(f"calib_data yielded no batches{where}; pass an iterable of "
@@ -259,39 +283,103 @@ def calibrate(
     return result
 
 
+def _example_inputs(capture: Any) -> list[tuple[str, Any]]:
+    """(name, example value) for every input of the traced model, in order."""
+    placeholders = [n for n in capture.graph_module.graph.nodes if n.op == "placeholder"]
+    return [(ph.target.lstrip("*"), v) for ph, v in zip(placeholders, capture.example_args)]
+
+
+def _describe(value: Any) -> str:
+    if isinstance(value, torch.Tensor):
+        dims = ", ".join(["N", *map(str, value.shape[1:])]) if value.ndim else ""
+        return f"a {str(value.dtype).removeprefix('torch.')} tensor of shape ({dims})"
+    text = repr(value)
+    return f"a {type(value).__name__} ({text[:40] + '...' if len(text) > 40 else text})"
+
+
+def expected_inputs(capture: Any) -> str:
+    """What a calibration batch must hold, from the example inputs the model was traced with:
+    ``x = a float32 tensor of shape (N, 3, 32, 32)``."""
+    parts = [f"{name} = {_describe(v)}" for name, v in _example_inputs(capture)
+             if isinstance(v, torch.Tensor)]
+    return "; ".join(parts) or "no tensor inputs"
+
+
+def check_batch(b: int, inputs: Any, capture: Any) -> None:
+    """Refuse a calibration batch whose inputs cannot be what the model was traced with: wrong
+    count or names, not tensors, integer where floating point is expected (or the reverse), a
+    different number of dims, or NaN/inf values. Other mismatches (a channel count) surface
+    when the batch runs, with the same description of what is expected."""
+    expected = _example_inputs(capture)
+    args, kwargs = as_args(inputs)
+    problems = []
+    if len(args) > len(expected):
+        problems.append(f"it gives {len(args)} positional inputs and the model takes "
+                        f"{len(expected)}")
+    names = {name for name, _ in expected}
+    problems += [f"it gives an unknown keyword input {k!r}" for k in kwargs if k not in names]
+    for i, (name, example) in enumerate(expected):
+        if not isinstance(example, torch.Tensor):
+            continue
+        got = args[i] if i < len(args) else kwargs.get(name, _MISSING)
+        if got is _MISSING:
+            problems.append(f"input {name!r} is missing")
+        elif not isinstance(got, torch.Tensor):
+            problems.append(f"input {name!r} is {_describe(got)}, not a tensor")
+        elif got.is_floating_point() != example.is_floating_point():
+            kind = "a floating-point" if got.is_floating_point() else "an integer/bool"
+            problems.append(f"input {name!r} is {kind} tensor ({str(got.dtype)[6:]})")
+        elif got.ndim != example.ndim:
+            problems.append(f"input {name!r} has {got.ndim} dims, shape {tuple(got.shape)}")
+        elif got.is_floating_point() and not torch.isfinite(got).all():
+            problems.append(f"input {name!r} contains NaN or inf values")
+    if problems:
+        raise CalibrationError(
+            f"calibration batch {b} does not match the model's inputs: {'; '.join(problems)}. "
+            f"Expected {expected_inputs(capture)} (as example_inputs; only the batch size N may "
+            "differ). A batch is the inputs, (inputs, labels) with labels a 1-D integer tensor, "
+            "or a dict of keyword inputs (with an optional 'labels')."
+        )
+
+
+_MISSING = object()
+
+
 def _batch_size(inputs: Any) -> int:
     t = first_tensor(inputs)
     return int(t.shape[0]) if t is not None and t.ndim else 1
 
 
-def _instrument(gm: fx.GraphModule, needed: dict[str, int], grid: int
+def _instrument(gm: fx.GraphModule, needed: dict[tuple[str, int], None], grid: int
                 ) -> tuple[fx.GraphModule, dict[str, torch.Tensor]]:
     """A copy of ``gm``'s graph (sharing its modules and weights) with a probe after each
     needed node; the probes' forward hooks write pooled activations into ``store``."""
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
-    root = torch.nn.Module()
-    for name, mod in gm.named_children():
-        root.add_module(name, mod)
-    for name, p in gm.named_parameters(recurse=False):
-        root.register_parameter(name, p)
-    for name, b in gm.named_buffers(recurse=False):
-        root.register_buffer(name, b)
-    store: dict[str, torch.Tensor] = {}
+    # GraphModule looks each get_attr/call_module target up in a dict root: the traced
+    # model's objects (modules, weights, graph constants) and the new probes.
+    root: dict[str, Any] = {}
+    for node in gm.graph.nodes:
+        if node.op in ("get_attr", "call_module"):
+            obj: Any = gm
+            for part in node.target.split("."):
+                obj = getattr(obj, part)
+            root[node.target] = obj
+    store: dict[tuple[str, int], torch.Tensor] = {}
     probes: list[str] = []
     for node in gm.graph.nodes:
         new = graph.node_copy(node, lambda n: env[n])
         env[node] = new
-        if node.name in needed:
+        for axis in [a for (n, a) in needed if n == node.name]:
             probe_name = f"_surgery_probe_{len(probes)}"
             probes.append(probe_name)
             probe = _Probe()
-            axis = needed[node.name]
 
-            def hook(mod: torch.nn.Module, inp: tuple, out: torch.Tensor, _n=node.name, _a=axis) -> None:
-                store[_n] = _pool(out, _a, grid)
+            def hook(mod: torch.nn.Module, inp: tuple, out: torch.Tensor, _n=node.name,
+                     _a=axis) -> None:
+                store[_n, _a] = _pool(out, _a, grid)
 
             probe.register_forward_hook(hook)
-            root.add_module(probe_name, probe)
+            root[probe_name] = probe
             graph.call_module(probe_name, (new,))
     return fx.GraphModule(root, graph), store

@@ -14,6 +14,7 @@ import torch
 import torch.fx as fx
 from torch.utils.flop_counter import FlopCounterMode
 
+from surgery.modes import restore_modes, training_modes
 from surgery.inputs import call
 
 
@@ -61,7 +62,7 @@ def measure_latency(
     model: torch.nn.Module, example_inputs: Any, *, repeats: int = 10, warmup: int = 2
 ) -> float:
     """Median wall time (seconds) of a forward pass in inference mode."""
-    was_training = model.training
+    modes = training_modes(model)
     model.eval()
     times = []
     try:
@@ -76,5 +77,5 @@ def measure_latency(
                 if i >= warmup:
                     times.append(time.perf_counter() - start)
     finally:
-        model.train(was_training)
+        restore_modes(modes)
     return statistics.median(times)

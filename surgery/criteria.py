@@ -82,8 +82,11 @@ class MutualInformation(Criterion):
     def select(self, group: ChannelGroup, ctx: ScoreContext, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Greedy forward selection of the atoms whose *joint* MI with the targets is largest
         (Gaussian: relevance minus redundancy), when every atom is one column everywhere;
-        independent top-k otherwise."""
+        independent top-k otherwise. A group no layer with weights is seen reading (its
+        reader sits inside a leaf module) has no statistics: it falls back to magnitude."""
         relations = list(self._relations(group, ctx))
+        if not relations:
+            return Magnitude().select(group, ctx, k)
         single = all(len(a) == group.atoms and np.array_equal(a, np.arange(group.atoms))
                      for _, a, _ in relations)
         if not (self.joint and self.estimator == "gaussian" and single and relations):
@@ -134,9 +137,9 @@ CRITERIA: dict[str, Callable[..., Criterion]] = {
 
 
 def get_criterion(name: str, **options: Any) -> Criterion:
-    from surgery.plugins import merged, plugin_manager
+    from surgery.plugins import call_hook, merged
 
-    available = {**CRITERIA, **merged(plugin_manager().hook.surgery_criteria())}
+    available = {**CRITERIA, **merged(call_hook("surgery_criteria"))}
     if name not in available:
         raise ValueError(f"unknown criterion {name!r}; available: {sorted(available)}.")
     factory = available[name]

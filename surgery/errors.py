@@ -25,3 +25,13 @@ class PlanError(SurgeryError, ValueError):
 
 class VerificationError(SurgeryError):
     """The pruned model failed its post-surgery check (forward pass or output shapes)."""
+
+
+class StorageError(SurgeryError):
+    """A saved pruned model cannot be written or read back (missing, truncated or corrupt
+    files, or an architecture that cannot be rebuilt)."""
+
+
+class PluginError(SurgeryError):
+    """A plugin raised inside one of its hooks or channel rules; the message names the plugin
+    and the hook (the plugin's own exception is chained as ``__cause__``)."""

@@ -65,9 +65,9 @@ ESTIMATORS: dict[str, Callable[..., np.ndarray]] = {"gaussian": gaussian}
 
 
 def get_estimator(name: str) -> Callable[..., np.ndarray]:
-    from surgery.plugins import merged, plugin_manager
+    from surgery.plugins import call_hook, merged
 
-    available = {**ESTIMATORS, **merged(plugin_manager().hook.surgery_estimators())}
+    available = {**ESTIMATORS, **merged(call_hook("surgery_estimators"))}
     if name not in available:
         raise ValueError(f"unknown MI estimator {name!r}; available: {sorted(available)}.")
     return available[name]

@@ -78,6 +78,9 @@ class Relation:
     layer: str
     probe: Probe
     target: int
+    target_probe: Probe | None = None
+    """The layer's own output, positions mapped to ``target``'s atoms: what scoring compares
+    the group with ("the neurons of the layer above"), aligned sample by sample."""
 
 
 @dataclass
@@ -137,6 +140,8 @@ def find_groups(capture: Capture) -> Coupling:
     for name in _activation_nodes(capture):
         for t in flatten_tracks(prop.tracks.get(name, [])):
             anchored[label_of[t.ids.ravel()]] = True
+    for ids in prop.internal:
+        anchored[label_of[np.asarray(ids).ravel()]] = True
 
     reasons: dict[int, str] = {}
     for ids, reason in prop.frozen:
@@ -189,6 +194,13 @@ def find_groups(capture: Capture) -> Coupling:
         for a, lab in enumerate(labels):
             group_of_label[lab] = (gid, a)
 
+    from surgery.plugins import call_hook
+
+    for group in groups:
+        kind = call_hook("surgery_group_kind", group=group, model=capture.model)
+        if kind:
+            group.kind = kind
+
     output_labels = {lab for lab, r in reasons.items() if r == "model output"}
     relations, probes = _relations(prop, label_of, group_of_label, order)
     output_groups = {group_of_label[lab][0] for lab in output_labels if lab in group_of_label}
@@ -222,9 +234,13 @@ def _relations(
         out_labels = label_of[prop.produces[c.op]] if c.op in prop.produces else np.zeros(0, int)
         targets = [group_of_label[lab][0] for lab in out_labels.tolist() if lab in group_of_label]
         target = targets[0] if targets else OUTPUT
+        out_axis = next((t.axes[0] for t in prop.get_named(c.op)
+                         if c.op in prop.produces and t.ids is prop.produces[c.op]), None)
+        target_probe = (_probe(c.op, out_axis, out_labels, target, group_of_label)
+                        if target != OUTPUT and out_axis is not None else None)
         for gid in gids:
             probe = _probe(c.source, c.track.axes[0], labels, gid, group_of_label)
-            relations.append(Relation(gid, c.op, probe, target))
+            relations.append(Relation(gid, c.op, probe, target, target_probe))
             rank = order[c.source]
             if gid not in probes or probes[gid][0] < rank:
                 probes[gid] = (rank, probe)

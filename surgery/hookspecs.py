@@ -50,6 +50,18 @@ def surgery_frozen_modules(model: torch.nn.Module) -> list[str]:
     model's outputs, which are always kept)."""
 
 
+@hookspec(firstresult=True)
+def surgery_group_kind(group: Any, model: torch.nn.Module) -> str | None:
+    """The kind of a channel group (a :class:`surgery.groups.ChannelGroup`) of ``model``, or
+    None to leave it to other plugins (default ``"channel"``).
+
+    Kinds name what an atom is, for reports and per-kind budgets: ``"channel"`` (a conv
+    channel), ``"head"`` (one attention head: its q/k/v rows and output-projection columns),
+    ``"neuron"`` (one hidden unit of an MLP/FFN), ``"hidden"`` (one residual-stream dimension of
+    a transformer, through embeddings, every norm and every projection). The first plugin
+    returning a kind wins."""
+
+
 @hookspec
 def surgery_fix_module(name: str, module: torch.nn.Module, model: torch.nn.Module) -> None:
     """Update ``module``'s attributes after its parameters were sliced (e.g. ``num_heads``).

@@ -91,6 +91,9 @@ class PruningPlan:
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "PruningPlan":
+        if not isinstance(d, dict):
+            raise PlanError(f"malformed pruning plan: expected a JSON object, got "
+                            f"{type(d).__name__}; is this a plan file?")
         try:
             if d.get("version") != PLAN_VERSION:
                 raise PlanError(
@@ -106,8 +109,13 @@ class PruningPlan:
                 model_class=d.get("model_class", ""), version=d["version"],
                 extra=d.get("extra", {}),
             )
-        except (KeyError, TypeError) as exc:
-            raise PlanError(f"malformed pruning plan: missing or wrong field ({exc}).") from exc
+        except PlanError:
+            raise
+        except (KeyError, TypeError, ValueError, AttributeError) as exc:
+            raise PlanError(
+                f"malformed pruning plan: missing or wrong field ({type(exc).__name__}: {exc}); "
+                "the file is corrupt or was edited by hand. Re-create it with make_plan."
+            ) from exc
 
     def to_json(self) -> str:
         return json.dumps(self.to_dict(), indent=1)
@@ -120,12 +128,26 @@ class PruningPlan:
             raise PlanError(f"the plan is not valid JSON ({exc}); is the file truncated?") from exc
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write atomically: a temporary file in the same folder, then a rename."""
+        """Write atomically: a temporary file in the same folder, then a rename. Nothing is
+        written when the plan cannot be serialised or the folder does not exist."""
         path = Path(path)
+        if not path.parent.is_dir():
+            raise PlanError(f"cannot save the plan to {str(path)!r}: the folder "
+                            f"{str(path.parent)!r} does not exist; create it first.")
+        if path.is_dir():
+            raise PlanError(f"cannot save the plan to {str(path)!r}: it is a folder; give a "
+                            "file name such as plan.json.")
+        try:
+            text = self.to_json()
+        except (TypeError, ValueError) as exc:
+            raise PlanError(
+                f"the plan cannot be written as JSON ({exc}); budget and extra may only hold "
+                "numbers, strings, lists and dicts."
+            ) from exc
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
         try:
             with os.fdopen(fd, "w") as f:
-                f.write(self.to_json())
+                f.write(text)
             os.replace(tmp, path)
         except BaseException:
             Path(tmp).unlink(missing_ok=True)
@@ -133,7 +155,39 @@ class PruningPlan:
 
     @classmethod
     def load(cls, path: str | os.PathLike) -> "PruningPlan":
-        return cls.from_json(Path(path).read_text())
+        try:
+            text = Path(path).read_text()
+        except FileNotFoundError as exc:
+            raise PlanError(f"no plan file at {str(path)!r}.") from exc
+        except (IsADirectoryError, UnicodeDecodeError) as exc:
+            raise PlanError(f"{str(path)!r} is not a plan file ({type(exc).__name__}: {exc}); "
+                            "give the path of a plan.json written by PruningPlan.save.") from exc
+        return cls.from_json(text)
+
+
+def _check_kept(coupling: Any, kept: dict[int, Any]) -> None:
+    """Refuse kept atoms that would empty a group, fall outside it, repeat, or name a group
+    that cannot be cut."""
+    prunable = {g.id: g for g in coupling.groups if g.prunable}
+    for gid, atoms in kept.items():
+        if gid not in prunable:
+            known = gid in {g.id for g in coupling.groups}
+            raise PlanError(
+                f"kept atoms given for group {gid!r}, which "
+                + (f"cannot be cut ({coupling.groups[gid].reason})" if known else "does not exist")
+                + f"; prunable groups are {sorted(prunable)}."
+            )
+        g = prunable[gid]
+        arr = np.asarray(atoms)
+        if arr.ndim != 1 or (arr.size and not np.issubdtype(arr.dtype, np.integer)):
+            raise PlanError(f"kept atoms of group {g.name!r} must be a list of integers, got "
+                            f"{arr.dtype} with shape {arr.shape}.")
+        if arr.size == 0:
+            raise PlanError(f"the plan would empty group {g.name!r} ({g.atoms} atoms); keep at "
+                            "least one atom of every group (min_keep >= 1).")
+        if arr.min() < 0 or arr.max() >= g.atoms or len(np.unique(arr)) != arr.size:
+            raise PlanError(f"kept atoms of group {g.name!r} must be distinct indices in "
+                            f"[0, {g.atoms}); got {arr.tolist()}.")
 
 
 def build_plan(
@@ -147,6 +201,7 @@ def build_plan(
 ) -> PruningPlan:
     """Turn per-group kept atoms into a plan (kept positions for every parameter dimension)."""
     model = coupling.capture.model
+    _check_kept(coupling, kept)
     removed: dict[tuple[str, int], set[int]] = {}
     decisions = []
     for g in coupling.groups:

@@ -10,13 +10,16 @@ from __future__ import annotations
 import functools
 import importlib
 import os
+import types
+from typing import Any
 
 import pluggy
 
 from surgery import hookspecs
+from surgery.errors import PluginError, SurgeryError
 
 ENTRY_POINT_GROUP = "surgery"
-BUILTIN_PLUGINS = ("surgery.rules", "surgery_plugins.cnn")
+BUILTIN_PLUGINS = ("surgery.rules", "surgery_plugins.cnn", "surgery_plugins.bert", "surgery_plugins.vit")
 
 
 @functools.cache
@@ -42,3 +45,55 @@ def merged(results: list[dict]) -> dict:
     for r in reversed(results):
         out.update(r or {})
     return out
+
+
+def call_hook(hook_name: str, /, **kwargs: Any) -> Any:
+    """Call hook ``hook_name`` with keyword arguments on every registered plugin.
+
+    An exception raised inside a plugin becomes a :class:`PluginError` naming the plugin and the
+    hook (the original is chained); a :class:`SurgeryError` a plugin raises on purpose passes
+    through unchanged."""
+    hook = getattr(plugin_manager().hook, hook_name)
+    try:
+        return hook(**kwargs)
+    except SurgeryError:
+        raise
+    except Exception as exc:
+        raise PluginError(
+            f"plugin {_culprit(hook, exc)} raised {type(exc).__name__} in hook {hook_name}: {exc}. "
+            "Fix the plugin, or leave it out: plugin_manager().unregister(...) for one registered "
+            "in code, SURGERY_PLUGINS=<names to keep> for entry-point plugins."
+        ) from exc
+
+
+def plugin_label(plugin: Any, name: str | None = None) -> str:
+    """A readable name for a registered plugin object (module, class or instance)."""
+    if isinstance(plugin, types.ModuleType):
+        what = plugin.__name__
+    elif isinstance(plugin, type):
+        what = f"{plugin.__module__}.{plugin.__qualname__}"
+    else:
+        what = f"{type(plugin).__module__}.{type(plugin).__qualname__} object"
+    if name is None or name == what or name == str(id(plugin)):
+        return repr(what)
+    return f"{name!r} ({what})"
+
+
+def _culprit(hook: Any, exc: BaseException) -> str:
+    """The plugin whose implementation of ``hook`` raised ``exc``, found by matching the
+    traceback's frames with the implementations' code objects."""
+    impls = hook.get_hookimpls()
+    codes = {}
+    for impl in impls:
+        fn = getattr(impl.function, "__func__", impl.function)
+        code = getattr(fn, "__code__", None)
+        if code is not None:
+            codes.setdefault(code, impl)
+    tb = exc.__traceback__
+    while tb is not None:
+        impl = codes.get(tb.tb_frame.f_code)
+        if impl is not None:
+            return plugin_label(impl.plugin, impl.plugin_name)
+        tb = tb.tb_next
+    names = ", ".join(plugin_label(i.plugin, i.plugin_name) for i in impls)
+    return f"(one of {names})"

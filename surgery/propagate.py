@@ -23,6 +23,7 @@ import torch
 import torch.fx as fx
 
 from surgery.capture import Capture
+from surgery.errors import PluginError, SurgeryError
 
 
 @dataclass
@@ -64,6 +65,11 @@ class Propagation:
     produces: dict[str, np.ndarray] = field(default_factory=dict)
     mac_factors: dict[str, list[np.ndarray]] = field(default_factory=dict)
     opaque: dict[str, str] = field(default_factory=dict)
+    tensor_names: dict[int, str] = field(default_factory=dict)
+    internal: list[np.ndarray] = field(default_factory=list)
+    """Ids of channels a leaf module's rule says live on activations *inside* the leaf (the
+    heads of an attention module with its output projection inside): no fx node shows them,
+    but they are activation channels all the same (see :func:`surgery.groups.find_groups`)."""
 
     # ---- id bookkeeping -------------------------------------------------------------------
     def fresh(self, shape: int | tuple[int, ...]) -> np.ndarray:
@@ -97,6 +103,9 @@ class Propagation:
                 self.capture.graph_module, name
             ) else self.capture.graph_module.get_buffer(name)
             self.records[key] = self.fresh(tensor.shape[dim])
+            first = self.tensor_names.setdefault(id(tensor), name)
+            if first != name:  # tied weights (an MLM decoder and the word embeddings): one
+                self.union(self.records[key], self.param(first, dim))  # tensor, one cut
         return self.records[key]
 
     # ---- values -------------------------------------------------------------------------
@@ -183,15 +192,16 @@ def lookup_module_rule(rules: dict[type, Callable], module: torch.nn.Module) -> 
 
 def run(capture: Capture) -> Propagation:
     """Propagate channel ids through every node of ``capture``."""
-    from surgery.plugins import merged, plugin_manager
+    from surgery.plugins import call_hook, merged
 
-    pm = plugin_manager()
     prop = Propagation(
         capture,
-        module_rules=merged(pm.hook.surgery_module_rules()),
-        function_rules=merged(pm.hook.surgery_function_rules()),
+        module_rules=merged(call_hook("surgery_module_rules")),
+        function_rules=merged(call_hook("surgery_function_rules")),
     )
-    frozen_modules = {n for names in pm.hook.surgery_frozen_modules(model=capture.model) for n in names}
+    frozen_modules = {
+        n for names in call_hook("surgery_frozen_modules", model=capture.model) for n in names
+    }
     gm = capture.graph_module
     for node in gm.graph.nodes:
         if node.op == "placeholder":
@@ -208,7 +218,7 @@ def run(capture: Capture) -> Propagation:
             if rule is None:
                 prop.opaque_op(node, f"module {type(module).__name__} ({node.target})")
             else:
-                rule(prop, node, module)
+                _apply_rule(rule, prop, node, module)
             if node.target in frozen_modules:
                 prop.freeze_value(prop.tracks.get(node.name, []), f"frozen module {node.target}")
         elif node.op in ("call_function", "call_method"):
@@ -222,12 +232,28 @@ def run(capture: Capture) -> Propagation:
                 else:
                     prop.opaque_op(node, f"{node.op} {_name(key)}")
             else:
-                rule(prop, node)
+                _apply_rule(rule, prop, node)
         elif node.op == "output":
             prop.freeze_value(
                 [prop.tracks.get(a.name, []) for a in node.all_input_nodes], "model output"
             )
     return prop
+
+
+def _apply_rule(rule: Callable, prop: Propagation, node: fx.Node, *extra: Any) -> None:
+    """Run one channel rule; a crash becomes a :class:`PluginError` naming the rule, the
+    plugin module it comes from and the node (the original exception is chained)."""
+    try:
+        rule(prop, node, *extra)
+    except SurgeryError:
+        raise
+    except Exception as exc:
+        raise PluginError(
+            f"channel rule {_name(rule)} (plugin module {getattr(rule, '__module__', '?')!r}) "
+            f"raised {type(exc).__name__} on node {node.name!r} ({node.op} {_name(node.target)}): "
+            f"{exc}. This is a bug in that rule; report it with the model class, or unregister "
+            "the plugin."
+        ) from exc
 
 
 def _name(target: Any) -> str:

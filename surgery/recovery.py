@@ -14,6 +14,7 @@ from typing import Any, Iterable
 
 import torch
 
+from surgery.modes import restore_modes, training_modes
 from surgery.calibration import split_batch
 from surgery.inputs import as_args, to_device
 
@@ -28,7 +29,7 @@ def recalibrate_batchnorm(model: torch.nn.Module, calib_data: Iterable[Any],
     if not norms:
         return 0
     saved = {m: m.momentum for m in norms}
-    was_training = model.training
+    modes = training_modes(model)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     model.eval()
     for m in norms:
@@ -46,7 +47,7 @@ def recalibrate_batchnorm(model: torch.nn.Module, calib_data: Iterable[Any],
     finally:
         for m in norms:
             m.momentum = saved[m]
-        model.train(was_training)
+        restore_modes(modes)
     return len(norms)
 
 

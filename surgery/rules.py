@@ -20,6 +20,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 from surgery.hookspecs import hookimpl
+from torch.fx.passes.shape_prop import TensorMetadata
+
 from surgery.propagate import Consume, Propagation, Track, Tracks
 
 # ---------------------------------------------------------------------------------------
@@ -79,6 +81,27 @@ def pointwise(prop: Propagation, node: fx.Node, operands: list[Any] | None = Non
             if local >= 0 and shape[local] == out_shape[ax] > 1 and ax not in own:
                 prop.freeze(t.ids, "elementwise with an untracked full-size operand")
     prop.set(node, merged)
+
+
+def _sequence_tracks(prop: Propagation, arg: Any) -> tuple | None:
+    """The per-element tracks of a tuple-valued operand (a node or a literal tuple), else None."""
+    if isinstance(arg, fx.Node):
+        value = prop.tracks.get(arg.name)
+        return value if isinstance(value, tuple) else None
+    if isinstance(arg, (tuple, list)):
+        return tuple(prop.get(a) for a in arg)
+    return None
+
+
+def add_rule(prop: Propagation, node: fx.Node) -> None:
+    """``+``: elementwise for tensors; for tuples (``(x,) + outputs[1:]`` in module code) the
+    element tracks are concatenated."""
+    if len(node.args) == 2 and not isinstance(node.meta.get("tensor_meta"), TensorMetadata):
+        left, right = (_sequence_tracks(prop, a) for a in node.args)
+        if left is not None and right is not None:
+            prop.set(node, left + right)
+            return
+    pointwise(prop, node)
 
 
 def passthrough(prop: Propagation, node: fx.Node, source: Any = None) -> None:
@@ -256,7 +279,9 @@ def reduce_rule(prop: Propagation, node: fx.Node) -> None:
 
 
 def cat_rule(prop: Propagation, node: fx.Node) -> None:
-    """Concatenation: ids of the inputs side by side on the cat axis; other axes union."""
+    """Concatenation: ids of the inputs side by side on the cat axis; other axes union. A
+    tensor with no ids on another axis (the raw input, a constant) pins that axis's channels,
+    as in :func:`pointwise`: its width there would not follow a cut."""
     tensors, dim = _node_args(node, ("tensors", "dim"))
     dim = 0 if dim is None else dim
     out_shape = prop.shape(node)
@@ -269,6 +294,13 @@ def cat_rule(prop: Propagation, node: fx.Node) -> None:
                       if any(t.axes == (dim,) for t in prop.get(arg)) else _untracked(prop, shape[dim]))
         others.extend(t for t in prop.get(arg) if t.axes != (dim,))
     cat_ids = np.concatenate(pieces)
+    others = merge_tracks(prop, others)
+    for arg in tensors:
+        shape = prop.shape(arg)
+        own = {t.axes for t in prop.get(arg)}
+        for t in others:
+            if shape is not None and t.axes not in own and shape[t.axes[0]] > 1:
+                prop.freeze(t.ids, "concatenated with an untracked tensor")
     prop.set(node, merge_tracks(prop, others + [Track((dim,), cat_ids)]))
 
 
@@ -315,7 +347,7 @@ def getitem_rule(prop: Propagation, node: fx.Node) -> None:
     src, index = node.args
     value = prop.tracks.get(src.name) if isinstance(src, fx.Node) else None
     if isinstance(value, tuple):
-        prop.set(node, value[index] if isinstance(index, int) else [])
+        prop.set(node, value[index] if isinstance(index, (int, slice)) else [])
         return
     in_shape = prop.shape(src)
     if in_shape is None or prop.shape(node) is None:
@@ -359,10 +391,16 @@ def getitem_rule(prop: Propagation, node: fx.Node) -> None:
 
 
 def expand_rule(prop: Propagation, node: fx.Node) -> None:
+    """expand / expand_as: tracks move right by the new leading axes; an axis broadcast from
+    size 1 (a class token expanded over the batch) repeats one value, so its id is dropped."""
     src = node.args[0]
     in_shape, out_shape = prop.shape(src), prop.shape(node)
+    if in_shape is None or out_shape is None:
+        prop.opaque_op(node, f"{node.target} without shapes")
+        return
     off = len(out_shape) - len(in_shape)
-    prop.set(node, [Track((t.axes[0] + off,), t.ids) for t in prop.get(src)])
+    prop.set(node, [Track((t.axes[0] + off,), t.ids) for t in prop.get(src)
+                    if in_shape[t.axes[0]] == out_shape[t.axes[0] + off]])
 
 
 def no_channels(prop: Propagation, node: fx.Node) -> None:
@@ -699,6 +737,7 @@ _NO_CHANNELS: list[Any] = [
 def surgery_function_rules() -> dict[Any, Callable]:
     rules: dict[Any, Callable] = {}
     rules.update({f: pointwise for f in _POINTWISE_FUNCTIONS})
+    rules[operator.add] = add_rule
     rules.update({f: _unary for f in _UNARY_FUNCTIONS})
     rules.update({f: _first_arg for f in _FIRST_ARG_FUNCTIONS})
     rules.update({f: reduce_rule for f in _REDUCE_FUNCTIONS})

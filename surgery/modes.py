@@ -1,0 +1,20 @@
+"""Saving and restoring train/eval modes module by module.
+
+``model.train(flag)`` sets every submodule to one mode, which would undo a user's choice to
+keep, say, a frozen BatchNorm in eval mode inside a training model. Everything in surgery
+that switches a model to eval for a forward pass restores each submodule's own flag.
+"""
+
+from __future__ import annotations
+
+import torch
+
+
+def training_modes(model: torch.nn.Module) -> list[tuple[torch.nn.Module, bool]]:
+    """Every submodule with its current ``training`` flag."""
+    return [(m, m.training) for m in model.modules()]
+
+
+def restore_modes(modes: list[tuple[torch.nn.Module, bool]]) -> None:
+    for module, training in modes:
+        module.training = training

@@ -1,0 +1,393 @@
+"""The ``surgery`` command line, through its real entry points.
+
+One subprocess run of the installed ``surgery`` console script per subcommand (inspect,
+prune, eval, bench, export), on tiny models from ``tests/cli_models.py`` named as
+``cli_models:NAME`` specs, exactly as a user names ``my_pkg.models:factory``; the rest goes
+through Typer's CliRunner (same app, in process) or the loaders directly.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+from typer.testing import CliRunner
+
+from surgery.cli import app
+
+TESTS = Path(__file__).resolve().parent
+SURGERY = Path(sys.executable).with_name("surgery")
+ENV = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1", "COLUMNS": "200",
+       "PYTHONWARNINGS": "ignore"}
+TINY = ["cli_models:tiny_resnet", "--input-size", "3,16,16"]
+DATA = ["--data", "cli_models:batches"]
+
+
+def surgery(*args: str, cwd: Path, ok: bool = True) -> subprocess.CompletedProcess:
+    exe = str(SURGERY) if SURGERY.exists() else shutil.which("surgery")
+    assert exe, "the surgery console script is not installed (pip install -e .)"
+    res = subprocess.run([exe, *args], cwd=cwd, env=ENV, capture_output=True, text=True,
+                         timeout=300)
+    if ok:
+        assert res.returncode == 0, f"surgery {' '.join(args)} failed:\n{res.stdout}\n{res.stderr}"
+    return res
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, list(args), env={"COLUMNS": "200"})
+
+
+def leftovers(folder: Path, name: str) -> list[str]:
+    """Temporary folders a run left beside ``folder/name``."""
+    return [p.name for p in folder.iterdir() if p.name.startswith(f".{name}.")]
+
+
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    """One torch thread: steadier and faster on a shared 2-core machine."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def pruned(tmp_path_factory) -> Path:
+    """``surgery prune`` run once as a subprocess; its folder is shared by the tests below."""
+    root = tmp_path_factory.mktemp("prune")
+    surgery("prune", *TINY, *DATA, "--out", "pruned", "--latency-batch", "4", "--threads", "1",
+            cwd=root)
+    return root / "pruned"
+
+
+# ---- prune ----------------------------------------------------------------------------------
+
+def test_prune_writes_model_plan_and_report(pruned: Path) -> None:
+    from surgery.plan import PruningPlan
+
+    names = {p.name for p in pruned.iterdir()}
+    assert {"model.safetensors", "plan.json", "surgery.json", "source.json", "report.md",
+            "report.html", "kept_per_group.png", "params_macs.png", "metrics.json"} <= names
+    assert leftovers(pruned.parent, "pruned") == []
+    plan = PruningPlan.load(pruned / "plan.json")
+    assert [g.name for g in plan.groups] == ["stem (+1)", "conv1", "down"]
+    metrics = json.loads((pruned / "metrics.json").read_text())
+    dense, after = metrics["dense"], metrics["pruned"]
+    assert after["macs"] <= 0.52 * dense["macs"]  # half the MACs removed
+    assert dense["accuracy"] is not None and after["accuracy"] is not None
+    assert dense["latency_ms"] > 0 and after["latency_batch"] == 4
+    for png in ("kept_per_group.png", "params_macs.png"):
+        assert (pruned / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    md = (pruned / "report.md").read_text()
+    assert "surgery prune cli_models:tiny_resnet --out pruned --sparsity 0.5 --budget macs" in md
+    assert "| conv1 | channel | 16 |" in md
+    assert f"| torch | {torch.__version__} |" in md
+    assert "![kept per group](kept_per_group.png)" in md
+    html = (pruned / "report.html").read_text()
+    assert "<img src='kept_per_group.png'" in html and "<td>conv1</td>" in html
+
+
+def test_pruned_folder_reloads_the_measured_model(pruned: Path) -> None:
+    import cli_models
+
+    from surgery.counting import count_params
+    from surgery.loading import load_pruned
+    from surgery.report import accuracy
+
+    folder = load_pruned(pruned)
+    metrics = json.loads((pruned / "metrics.json").read_text())
+    assert count_params(folder.model) == metrics["pruned"]["params"]
+    acc, n = accuracy(folder.model, list(cli_models.batches()))
+    assert n == 64 and acc == pytest.approx(metrics["pruned"]["accuracy"])
+    dense_acc, _ = accuracy(folder.dense(), list(cli_models.batches()))
+    assert dense_acc == pytest.approx(metrics["dense"]["accuracy"])
+
+
+def test_failed_prune_leaves_no_output_folder(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    res = invoke("prune", *TINY, "--data", "cli_models:broken", "--eval-samples", "0",
+                 "--out", str(out))
+    assert res.exit_code == 1 and "calibration batch 1 does not run through the model" in res.output
+    assert "Traceback" not in res.output
+    res = invoke("prune", *TINY, "--data", "cli_models:broken", "--out", str(out))
+    assert res.exit_code == 1 and "evaluation batch 1 does not run through the model" in res.output
+    assert not out.exists() and leftovers(tmp_path, "out") == []
+
+
+def test_failure_while_writing_leaves_nothing_and_keeps_the_old_folder(tmp_path, monkeypatch):
+    import surgery.report
+
+    def boom(folder, **kwargs):
+        (Path(folder) / "report.md").write_text("half")
+        raise OSError("disk full")
+
+    monkeypatch.setattr(surgery.report, "write_report", boom)
+    out = tmp_path / "nested" / "out"
+    args = ["prune", *TINY, "--criterion", "magnitude", "--latency-batch", "0", "--out", str(out)]
+    res = invoke(*args)
+    assert res.exit_code == 1 and "disk full" in res.output
+    assert not out.exists() and not out.parent.exists()  # nor the parent it created
+    out.mkdir(parents=True)
+    (out / "keep.txt").write_text("old")
+    res = invoke(*args)
+    assert res.exit_code == 1 and "already exists" in res.output
+    res = invoke(*args, "--overwrite")
+    assert res.exit_code == 1 and "disk full" in res.output
+    assert [p.name for p in out.iterdir()] == ["keep.txt"]
+    assert leftovers(out.parent, "out") == []
+
+
+def test_prune_overwrite_replaces_the_folder(tmp_path: Path) -> None:
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / "stale.txt").write_text("old")
+    res = invoke("prune", *TINY, "--criterion", "random", "--budget", "params",
+                 "--sparsity", "0.3", "--latency-batch", "0", "--out", str(out), "--overwrite")
+    assert res.exit_code == 0, res.output
+    assert not (out / "stale.txt").exists() and (out / "plan.json").exists()
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["pruned"]["params"] <= 0.72 * metrics["dense"]["params"]
+    assert metrics["dense"]["accuracy"] is None  # no data, no accuracy
+    assert "accuracy" not in (out / "report.md").read_text()
+
+
+def test_prune_image_folder_torchvision_checkpoint(tmp_path: Path) -> None:
+    """A torchvision name with --checkpoint (.pth) and --num-classes, data from an ImageFolder."""
+    import torchvision
+    from PIL import Image
+
+    from surgery.loading import load_pruned
+
+    for c, color in enumerate(("red", "blue")):
+        (tmp_path / "images" / f"class{c}").mkdir(parents=True)
+        for i in range(5):
+            image = Image.new("RGB", (40 + i, 36), color)
+            image.save(tmp_path / "images" / f"class{c}" / f"{i}.png")
+    torch.manual_seed(3)
+    net = torchvision.models.resnet18(num_classes=2)
+    torch.save({"state_dict": net.state_dict()}, tmp_path / "ck.pth")
+    out = tmp_path / "out"
+    res = invoke("prune", "resnet18", "--checkpoint", str(tmp_path / "ck.pth"), "--num-classes",
+                 "2", "--input-size", "3,32,32", "--data", str(tmp_path / "images"),
+                 "--criterion", "magnitude", "--sparsity", "0.3", "--batch-size", "4",
+                 "--latency-batch", "0", "--no-compensate", "--out", str(out))
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert metrics["dense"]["samples"] == 10 and metrics["pruned"]["accuracy"] is not None
+    dense = load_pruned(out).dense()  # rebuilt from the checkpoint, not a fresh init
+    for k, v in net.state_dict().items():
+        assert torch.equal(dense.state_dict()[k], v), k
+
+
+def test_prune_needs_data_for_mi_and_labels_for_label_target(tmp_path: Path) -> None:
+    res = invoke("prune", *TINY, "--out", str(tmp_path / "a"))
+    assert res.exit_code == 1 and "needs calibration data: pass --data" in res.output
+    res = invoke("prune", *TINY, "--data", "cli_models:unlabelled", "--target", "labels",
+                 "--out", str(tmp_path / "b"))
+    assert res.exit_code == 1 and "carry no labels" in res.output
+    assert list(tmp_path.iterdir()) == []
+
+
+# ---- inspect --------------------------------------------------------------------------------
+
+def test_inspect_with_graph(tmp_path: Path) -> None:
+    res = surgery("inspect", *TINY, "--graph", "groups.svg", cwd=tmp_path)
+    assert "cli_models:tiny_resnet: 3 prunable of 4 coupled groups" in res.stdout
+    assert "stem (+1)" in res.stdout and "no: model output" in res.stdout
+    assert "params 8,740" in res.stdout
+    svg = (tmp_path / "groups.svg").read_text()
+    assert "<svg" in svg and "stem (+1)" in svg and "output" in svg
+
+
+def test_inspect_torchvision_resnet18() -> None:
+    res = invoke("inspect", "resnet18", "--input-size", "3,32,32")
+    assert res.exit_code == 0, res.output
+    assert "resnet18: 12 prunable of 13 coupled groups" in res.output
+    assert "layer1.0.conv1" in res.output and "params 11,689,512" in res.output
+
+
+def test_inspect_factory_png_and_errors(tmp_path: Path) -> None:
+    res = invoke("inspect", "cli_models:tiny_resnet_with_example", "--graph",
+                 str(tmp_path / "g.png"))
+    assert res.exit_code == 0, res.output
+    assert "3 prunable of 4 coupled groups" in res.output and "read into" in res.output
+    assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
+    res = invoke("inspect", "cli_models:tiny_resnet")
+    assert res.exit_code == 1 and "pass --input-size" in res.output
+    res = invoke("inspect", "no_such_model_name")
+    assert res.exit_code == 1 and "not a torchvision or timm model name" in res.output
+    res = invoke("inspect", "cli_models:not_a_model")
+    assert res.exit_code == 1 and "not an nn.Module" in res.output
+    res = invoke("inspect", *TINY, "--graph", "g.txt")
+    assert res.exit_code == 1 and "must end in .svg or .png" in res.output
+
+
+# ---- eval / bench / export ------------------------------------------------------------------
+
+def test_eval_reproduces_the_prune_measurements(pruned: Path, tmp_path: Path) -> None:
+    res = surgery("eval", str(pruned), *DATA, "--latency-batch", "2", "--json", "eval.json",
+                  "--threads", "1", cwd=tmp_path)
+    assert "accuracy (64 samples)" in res.stdout
+    got = json.loads((tmp_path / "eval.json").read_text())
+    metrics = json.loads((pruned / "metrics.json").read_text())
+    for which in ("dense", "pruned"):
+        assert got[which]["accuracy"] == pytest.approx(metrics[which]["accuracy"])
+        assert got[which]["macs"] == metrics[which]["macs"]
+    assert got["pruned"]["latency_batch"] == 2
+
+
+def test_bench_latency_per_batch_size(pruned: Path, tmp_path: Path) -> None:
+    res = surgery("bench", str(pruned), "--batch-sizes", "1,3", "--repeats", "2", "--json",
+                  "bench.json", "--threads", "1", cwd=tmp_path)
+    assert "batch 3 (ms)" in res.stdout
+    got = json.loads((tmp_path / "bench.json").read_text())
+    assert set(got) == {"dense", "pruned"}
+    assert got["pruned"]["params"] < got["dense"]["params"]
+    assert got["pruned"]["macs"] < got["dense"]["macs"]
+    assert set(got["pruned"]["latency_ms"]) == {"1", "3"}
+    res = invoke("bench", str(pruned), "--batch-sizes", "0,x")
+    assert res.exit_code == 1 and "--batch-sizes" in res.output
+
+
+def test_export_onnx_matches_pytorch(pruned: Path, tmp_path: Path) -> None:
+    import onnxruntime as ort
+
+    from surgery.loading import load_pruned
+
+    res = surgery("export", str(pruned), "--onnx", "m.onnx", cwd=tmp_path)
+    assert "onnxruntime matches PyTorch" in res.stdout
+    model = load_pruned(pruned).model
+    x = torch.randn(5, 3, 16, 16)
+    session = ort.InferenceSession(str(tmp_path / "m.onnx"), providers=["CPUExecutionProvider"])
+    got = session.run(None, {session.get_inputs()[0].name: x.numpy()})[0]
+    with torch.no_grad():
+        want = model(x)
+    assert (torch.from_numpy(got) - want).abs().max().item() < 1e-4
+
+
+def test_eval_bench_export_refuse_other_folders(tmp_path: Path) -> None:
+    for args in (["eval", str(tmp_path), *DATA], ["bench", str(tmp_path)],
+                 ["export", str(tmp_path), "--onnx", str(tmp_path / "m.onnx")]):
+        res = invoke(*args)
+        assert res.exit_code == 1 and "not a folder written by 'surgery prune'" in res.output
+    assert not (tmp_path / "m.onnx").exists()
+
+
+def test_demo_is_still_the_main_command() -> None:
+    res = invoke("demo", "--help")
+    assert res.exit_code == 0 and "Fashion-MNIST" in res.output
+
+
+# ---- loaders --------------------------------------------------------------------------------
+
+def test_timm_checkpoint_safetensors_and_num_classes(tmp_path: Path) -> None:
+    import timm
+    from safetensors.torch import save_file
+
+    from surgery.loading import LoadError, load_model
+
+    torch.manual_seed(5)
+    net = timm.create_model("resnet10t", num_classes=3)
+    save_file(net.state_dict(), str(tmp_path / "w.safetensors"))
+    loaded = load_model("resnet10t", checkpoint=tmp_path / "w.safetensors", num_classes=3)
+    assert loaded.inputs["shape"] == [3, 176, 176]  # timm's pretrained_cfg input size
+    for k, v in net.state_dict().items():
+        assert torch.equal(loaded.model.state_dict()[k], v), k
+    with pytest.raises(LoadError, match="--num-classes"):
+        load_model("resnet10t", checkpoint=tmp_path / "w.safetensors")
+    assert load_model("timm:resnet10t", input_size=(3, 32, 32)).recipe["source"] == "timm"
+
+
+def test_fashion_mnist_batches_fit_the_model() -> None:
+    from surgery.datasets import AssetMissing
+    from surgery.loading import load_data
+
+    try:
+        data = load_data("fashion-mnist", {"kind": "image", "shape": [3, 32, 32]},
+                         split="test", batch_size=4, limit=6)
+    except AssetMissing:
+        pytest.skip("Fashion-MNIST is not installed (apt-get install dataset-fashion-mnist)")
+    batches = list(data)
+    assert [tuple(x.shape) for x, _ in batches] == [(4, 3, 32, 32), (2, 3, 32, 32)]
+    assert data.name == "fashion-mnist:test" and batches[0][1].dtype == torch.int64
+    x, _ = next(iter(load_data("fashion-mnist:train", {"kind": "image", "shape": [1, 64, 48]},
+                               batch_size=2, limit=2)))
+    assert tuple(x.shape) == (2, 1, 64, 48)
+
+
+def _tokenizer():
+    """A WordPiece tokenizer built offline from an eleven-word vocabulary."""
+    from transformers import BertTokenizerFast
+
+    words = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *"a good bad movie plot was".split()]
+    return BertTokenizerFast(vocab={w: i for i, w in enumerate(words)})
+
+
+def test_text_csv_and_jsonl_batches(tmp_path: Path) -> None:
+    from surgery.loading import LoadError, label_ids, load_data, read_text_rows
+
+    (tmp_path / "t.csv").write_text('text,label\n"a good movie",pos\nbad plot,neg\n"a, bad",neg\n')
+    rows = read_text_rows(tmp_path / "t.csv")
+    assert rows[2] == {"text": "a, bad", "label": "neg"}
+    assert label_ids(rows) == [1, 0, 0] and label_ids(rows, {"neg": 1, "pos": 0}) == [0, 1, 1]
+    lines = [{"sentence1": "a movie", "sentence2": "good", "y": 1},
+             {"sentence1": "bad", "sentence2": "plot", "y": 0}]
+    (tmp_path / "t.jsonl").write_text("\n".join(json.dumps(r) for r in lines))
+    assert read_text_rows(tmp_path / "t.jsonl", label_column="y")[0] == \
+        {"text": "a movie", "text_pair": "good", "label": 1}
+
+    tok = _tokenizer()
+    inputs = {"kind": "text", "seq_len": 8, "keys": ["input_ids", "attention_mask"]}
+    batches = list(load_data(str(tmp_path / "t.csv"), inputs, tokenizer=tok, batch_size=2))
+    assert [tuple(b["input_ids"].shape) for b in batches] == [(2, 8), (1, 8)]
+    assert set(batches[0]) == {"input_ids", "attention_mask", "labels"}
+    assert batches[0]["labels"].tolist() == [1, 0]
+    assert batches[0]["input_ids"][0, :5].tolist() == [2, 5, 6, 8, 3]  # [CLS] a good movie [SEP]
+    pair = next(iter(load_data(str(tmp_path / "t.jsonl"), inputs, tokenizer=tok, batch_size=2,
+                               label_column="y")))
+    assert pair["labels"].tolist() == [1, 0] and (pair["input_ids"] == 3).sum(1).tolist() == [2, 2]
+    with pytest.raises(LoadError, match="needs a tokenizer"):
+        load_data(str(tmp_path / "t.csv"), inputs)
+    (tmp_path / "odd.jsonl").write_text('{"body": "a movie", "label": 1}\n')
+    with pytest.raises(LoadError, match="no text column"):
+        read_text_rows(tmp_path / "odd.jsonl")
+    rows = read_text_rows(tmp_path / "odd.jsonl", text_column="body")
+    assert rows == [{"text": "a movie", "label": 1}]
+
+
+def test_hugging_face_folder(tmp_path: Path, monkeypatch) -> None:
+    """A local Hugging Face folder with its tokenizer: inspect and prune (magnitude) end to end;
+    without the plugins, the error says so."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    import surgery.loading
+
+    torch.manual_seed(0)
+    folder = tmp_path / "tiny-bert"
+    config = BertConfig(vocab_size=11, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
+                        intermediate_size=32, max_position_embeddings=16, num_labels=2)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    _tokenizer().save_pretrained(folder)
+    (tmp_path / "t.csv").write_text("text,label\n" + "a good movie,1\nbad plot,0\n" * 4)
+
+    res = invoke("inspect", str(folder), "--seq-len", "8")
+    assert res.exit_code == 0, res.output
+    assert "head" in res.output and "neuron" in res.output and "8 tokens" in res.output
+    res = invoke("prune", str(folder), "--seq-len", "8", "--data", str(tmp_path / "t.csv"),
+                 "--criterion", "magnitude", "--sparsity", "0.3", "--no-compensate",
+                 "--latency-batch", "0", "--out", str(tmp_path / "out"))
+    assert res.exit_code == 0, res.output
+    metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
+    assert metrics["pruned"]["samples"] == 8
+    assert metrics["pruned"]["macs"] < metrics["dense"]["macs"]
+
+    monkeypatch.setattr(surgery.loading, "hf_plugins_available", lambda: False)
+    res = invoke("inspect", str(folder))
+    assert res.exit_code == 1
+    assert "Hugging Face support arrives with the BERT/ViT plugins" in res.output
