@@ -9,9 +9,10 @@ $(VENV)/.installed-base: pyproject.toml
 	$(VENV)/bin/pip install -q -e .
 	touch $@
 
-$(VENV)/.installed-test: pyproject.toml
+$(VENV)/.installed-test: pyproject.toml examples/surgery-plugin-example/pyproject.toml
 	python3 -m venv $(VENV)
 	$(VENV)/bin/pip install -q -e '.[test]'
+	$(VENV)/bin/pip install -q --no-deps -e examples/surgery-plugin-example
 	touch $@
 
 # Real data for the demo: Debian's Fashion-MNIST package (installed once if missing).
