@@ -32,7 +32,7 @@ def resnet18_fashion(train_images: int = 12000, epochs: int = 1, seed: int = 0,
                      log: Callable[[str], None] = print) -> torch.nn.Module:
     """A ResNet-18 trained on Fashion-MNIST, from the cache or trained now (about a minute)."""
     import torchvision
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
 
     torch.manual_seed(seed)
     model = torchvision.models.resnet18(num_classes=10)
@@ -56,11 +56,18 @@ def resnet18_fashion(train_images: int = 12000, epochs: int = 1, seed: int = 0,
         log(f"trained epoch {epoch + 1}/{epochs} on {len(x)} images "
             f"({time.perf_counter() - start:.0f} s, last loss {loss.item():.3f})")
     model.eval()
+    _cache(model, path)
+    return model
+
+
+def _cache(model: torch.nn.Module, path: Path) -> None:
+    """Write trained weights to the cache atomically (a temporary file, then a rename)."""
+    from safetensors.torch import save_file
+
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
     tmp.replace(path)
-    return model
 
 
 def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 256) -> float:
@@ -122,7 +129,7 @@ def minilm_rotten_tomatoes(epochs: int = 2, seed: int = 0, max_length: int = 64,
     """all-MiniLM-L6-v2 with a fresh 2-way head fine-tuned on Rotten Tomatoes (the reference
     protocol: 2 epochs, AdamW lr 5e-5, batch 32, max length 64, seed 0; about 3 minutes on 2
     cores the first time, then read from the cache)."""
-    from safetensors.torch import load_file, save_file
+    from safetensors.torch import load_file
     from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
     from surgery.datasets import minilm_folder, rotten_tomatoes
@@ -159,8 +166,5 @@ def minilm_rotten_tomatoes(epochs: int = 2, seed: int = 0, max_length: int = 64,
             opt.step()
         log(f"fine-tuned epoch {epoch + 1}/{epochs} ({time.perf_counter() - start:.0f} s)")
     model.eval()
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_suffix(".tmp")
-    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(tmp))
-    tmp.replace(path)
+    _cache(model, path)
     return task
