@@ -58,7 +58,9 @@ class _Tracer(fx.Tracer):
     parameters left out keep their Python defaults instead of becoming proxies (and an input's
     ``dtype``, ``device`` and ``ndim``, fixed by its example, are plain values); and autowrap
     functions are looked up in the Python module of every submodule's *unwrapped* forward, since
-    a decorator's wrapper hides the globals fx would otherwise search."""
+    a decorator's wrapper hides the globals fx would otherwise search. Positional inputs are
+    traced the same way when the signature allows it (:func:`_as_keywords`). And a branch on
+    sizes, dtypes or devices takes the way the example inputs take (:meth:`to_bool`)."""
 
     def __init__(
         self,
@@ -79,6 +81,114 @@ class _Tracer(fx.Tracer):
                 if mod is not None and id(mod) not in seen:
                     seen.add(id(mod))
                     self._autowrap_search.append(mod)
+
+    # ---- control flow on traced values: decided by the example inputs -------------------
+    example: tuple[tuple[Any, ...], dict[str, Any]] | None = None
+    """The example inputs (set by :func:`trace`). When a forward branches on a traced value
+    (``if H % self.patch_size:``, ``if x.ndim == 4:``), plain fx gives up; this tracer runs the
+    graph recorded so far on the example inputs, once and only then, and takes the branch
+    the example takes. The graph is only used to analyse the model at the example's shapes
+    (the pruned model runs its own code), so specialising it to them is sound."""
+
+    def _concrete(self, target: fx.Node) -> Any:
+        values = self.__dict__.setdefault("_values", {})
+        if target in values:
+            return values[target]
+        if self.example is None:
+            return _UNKNOWN
+        placeholders = [n for n in self.graph.nodes if n.op == "placeholder"]
+        try:  # copies: an in-place op in the forward must not change the user's tensors
+            inputs = {ph: v.clone() if isinstance(v, torch.Tensor) else v for ph, v in
+                      zip(placeholders, _order_inputs(placeholders, *self.example))}
+        except SurgeryError:
+            inputs = {}
+        # fx patches Module.__call__ and wrapped functions while tracing: undo that meanwhile
+        unpatched = getattr(fx._symbolic_trace, "_maybe_revert_all_patches", None)
+        if unpatched is None:
+            return _UNKNOWN
+        with unpatched():
+            for node in self.graph.nodes:
+                if node in values:
+                    continue
+                values[node] = self._evaluate(node, values, inputs)
+                if node is target:
+                    break
+        return values.get(target, _UNKNOWN)
+
+    def _evaluate(self, node: fx.Node, values: dict, inputs: dict) -> Any:
+        unknown = False
+
+        def value(n: fx.Node) -> Any:
+            nonlocal unknown
+            v = values.get(n, _UNKNOWN)
+            unknown = unknown or v is _UNKNOWN
+            return v
+
+        args = fx.node.map_arg(node.args, value)
+        kwargs = fx.node.map_arg(node.kwargs, value)
+        if unknown:
+            return _UNKNOWN
+        try:
+            with torch.no_grad():
+                if node.op == "placeholder":
+                    return inputs.get(node, _UNKNOWN)
+                if node.op == "get_attr":
+                    if node.target in self.constants:
+                        return self.constants[node.target]
+                    obj: Any = self.root
+                    for part in str(node.target).split("."):
+                        obj = getattr(obj, part)
+                    return obj
+                if node.op == "call_function":
+                    return node.target(*args, **kwargs)
+                if node.op == "call_method":
+                    return getattr(args[0], node.target)(*args[1:], **kwargs)
+                if node.op == "call_module":
+                    module = self.root.get_submodule(node.target)
+                    was_training = module.training
+                    module.eval()  # no running statistics updated by this look-ahead
+                    try:
+                        return module(*args, **kwargs)
+                    finally:
+                        module.train(was_training)
+        except Exception:
+            return _UNKNOWN
+        return _UNKNOWN
+
+    def _on_sizes_only(self, node: fx.Node) -> bool:
+        """Whether ``node`` depends on the inputs through their sizes, dtypes and devices only:
+        a branch on tensor *values* (``if x.sum() > 0``) could go the other way on other
+        inputs, so it is not specialised."""
+        values = self.__dict__.get("_values", {})
+        stack, seen = [node], set()
+        while stack:
+            n = stack.pop()
+            if n in seen:
+                continue
+            seen.add(n)
+            if (n.op == "call_function" and n.target is getattr and n.args[1:2]
+                    and n.args[1] in _METADATA) or (n.op == "call_method"
+                                                    and n.target in _METADATA_METHODS):
+                continue
+            if isinstance(values.get(n), torch.Tensor):
+                return False
+            stack.extend(n.all_input_nodes)
+        return True
+
+    def to_bool(self, obj: fx.Proxy) -> bool:
+        value = self._concrete(obj.node)
+        if value is _UNKNOWN or isinstance(value, torch.Tensor) \
+                or not self._on_sizes_only(obj.node):
+            return super().to_bool(obj)
+        return bool(value)
+
+    def iter(self, obj: fx.Proxy) -> Any:
+        value = self._concrete(obj.node)
+        try:
+            n = len(value)
+        except TypeError:
+            return super().iter(obj)
+        return iter([obj[i] for i in range(n)])
 
     def is_leaf_module(self, m: torch.nn.Module, module_qualified_name: str) -> bool:
         if self._leaf_types and isinstance(m, self._leaf_types):
@@ -137,6 +247,12 @@ class _Tracer(fx.Tracer):
         return self.create_node("get_attr", name, (), {})
 
 
+_UNKNOWN = object()
+"""A traced value the look-ahead could not compute."""
+_METADATA = frozenset({"shape", "ndim", "dtype", "device", "is_cuda", "layout", "type"})
+_METADATA_METHODS = frozenset({"size", "dim", "ndimension", "numel", "get_device"})
+
+
 @dataclass
 class Capture:
     """A traced model: the fx ``GraphModule`` (sharing parameters with the model), the example
@@ -183,18 +299,35 @@ def trace(
     args, kwargs = as_args(example_inputs)
     from surgery.plugins import call_hook
 
-    leaves = tuple(leaf_modules) + tuple(
-        t for types in call_hook("surgery_leaf_modules", model=model) for t in types
-    )
+    declared = tuple(t for types in call_hook("surgery_leaf_modules", model=model) for t in types)
     autowrap = tuple(autowrap_functions) + tuple(
         f for fns in call_hook("surgery_autowrap_functions", model=model) for f in fns
     )
-    tracer = _Tracer(leaves, autowrap, model, kwargs if kwargs and not args else None)
-    try:
-        graph = tracer.trace(model)
-    except SurgeryError:
-        raise
-    except Exception as exc:  # fx raises many types; all mean "cannot trace"
+    inputs = kwargs if kwargs and not args else (_as_keywords(model, args) if not kwargs else None)
+    # A plugin's leaf without a channel rule would be opaque (every channel through it
+    # frozen): trace into it first, and keep it whole only if that fails (timm marks blocks
+    # with shape-dependent branches as leaves; the look-ahead of _Tracer.to_bool handles most).
+    from surgery.plugins import merged
+
+    rules = merged(call_hook("surgery_module_rules"))
+    ruled = tuple(t for t in declared if any(c in rules for c in t.__mro__))
+    attempts = [tuple(leaf_modules) + declared]
+    if len(ruled) < len(declared):
+        attempts.insert(0, tuple(leaf_modules) + ruled)
+    failure: Exception | None = None
+    for leaves in attempts:
+        tracer = _Tracer(leaves, autowrap, model, inputs)
+        tracer.example = (args, kwargs)
+        try:
+            graph = tracer.trace(model)
+            failure = None
+            break
+        except SurgeryError:
+            raise
+        except Exception as exc:  # fx raises many types; all mean "cannot trace"
+            failure = exc
+    if failure is not None:
+        exc = failure
         raise CaptureError(
             f"torch.fx could not trace {type(model).__name__}{_trace_location(exc, model)}: "
             f"{type(exc).__name__}: {exc}. "
@@ -225,6 +358,22 @@ def trace(
     finally:
         restore_modes(modes)
     return Capture(model, gm, tuple(ordered), {}, _to_digraph(gm))
+
+
+def _as_keywords(model: torch.nn.Module, args: tuple[Any, ...]) -> dict[str, Any] | None:
+    """Positional example inputs by the names of ``forward``'s leading parameters, so they are
+    traced like keyword inputs: parameters not given keep their defaults (``mask=None`` stays
+    None rather than becoming a traced input that ``if mask is not None`` takes for given).
+    None when the signature does not allow it (``*args``, positional-only parameters)."""
+    try:
+        params = list(inspect.signature(model.forward).parameters.values())
+    except (TypeError, ValueError):
+        return None
+    if not args or len(params) < len(args):
+        return None
+    if any(p.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params[: len(args)]):
+        return None
+    return {p.name: a for p, a in zip(params, args)}
 
 
 class _ShapeProp(ShapeProp):

@@ -23,9 +23,30 @@ def count_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for p in model.parameters())
 
 
+class _Totals:
+    """Stands in for FlopCounterMode's module tracker: only totals are needed here, and the
+    tracker's autograd hooks fail on some models (a parameter expanded to its own shape under
+    ``no_grad`` and passed to a submodule, as timm's PiT and CaiT do with batch 1)."""
+
+    parents = {"Global"}
+
+    def __enter__(self) -> "_Totals":
+        return self
+
+    def __exit__(self, *exc: Any) -> None:
+        return None
+
+
+def _counter() -> FlopCounterMode:
+    counter = FlopCounterMode(display=False)
+    if hasattr(counter, "mod_tracker"):
+        counter.mod_tracker = _Totals()
+    return counter
+
+
 def count_macs(model: torch.nn.Module, example_inputs: Any) -> int:
     """Multiply-accumulates of one forward pass on ``example_inputs``."""
-    counter = FlopCounterMode(display=False)
+    counter = _counter()
     with torch.no_grad(), counter:
         call(model, example_inputs)
     return counter.get_total_flops() // 2
@@ -41,7 +62,7 @@ class _NodeMacs(fx.Interpreter):
     def run_node(self, n: fx.Node) -> Any:
         if n.op not in ("call_module", "call_function", "call_method"):
             return super().run_node(n)
-        counter = FlopCounterMode(display=False)
+        counter = _counter()
         with counter:
             result = super().run_node(n)
         flops = counter.get_total_flops()

@@ -103,10 +103,22 @@ class Propagation:
                 self.capture.graph_module, name
             ) else self.capture.graph_module.get_buffer(name)
             self.records[key] = self.fresh(tensor.shape[dim])
+            if name in self._unsaved():  # a plan names state-dict entries only
+                self.freeze(self.records[key], f"non-persistent buffer {name}")
             first = self.tensor_names.setdefault(id(tensor), name)
             if first != name:  # tied weights (an MLM decoder and the word embeddings): one
                 self.union(self.records[key], self.param(first, dim))  # tensor, one cut
         return self.records[key]
+
+    def _unsaved(self) -> set[str]:
+        """Names of the model's non-persistent buffers (absent from its state dict)."""
+        if "_unsaved_names" not in self.__dict__:
+            self.__dict__["_unsaved_names"] = {
+                f"{prefix}.{b}" if prefix else b
+                for prefix, module in self.capture.model.named_modules()
+                for b in getattr(module, "_non_persistent_buffers_set", ())
+            }
+        return self.__dict__["_unsaved_names"]
 
     # ---- values -------------------------------------------------------------------------
     def shape(self, arg: Any) -> tuple[int, ...] | None:

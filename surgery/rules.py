@@ -194,19 +194,188 @@ def _literal_dims(shape_args: list[Any]) -> set[int]:
     return {i for i, s in enumerate(shape_args) if isinstance(s, int) and s not in (-1, 1)}
 
 
+def _size_read(prop: Propagation, node: fx.Node) -> list[tuple[fx.Node, int]] | None:
+    """The tensor axes a size node reads (``x.size(k)``, ``x.shape[k]``, ``x.shape[a:b]``,
+    ``x.size()``, ``x.shape``, ``x.numel()``), or None when ``node`` is no size read."""
+
+    def axes(tensor: Any, index: Any) -> list[tuple[fx.Node, int]] | None:
+        shape = prop.shape(tensor)
+        if shape is None:
+            return None
+        nd = len(shape)
+        if index is None:
+            return [(tensor, a) for a in range(nd)]
+        if isinstance(index, int):
+            return [(tensor, index % nd)] if -nd <= index < nd else None
+        if isinstance(index, slice) and not any(isinstance(b, fx.Node) for b in
+                                                (index.start, index.stop, index.step)):
+            return [(tensor, a) for a in range(nd)[index]]
+        return None
+
+    def whole_shape(n: Any) -> Any:
+        if not isinstance(n, fx.Node):
+            return None
+        if n.op == "call_function" and n.target is builtins.getattr and n.args[1:] == ("shape",):
+            return n.args[0]
+        if n.op == "call_method" and n.target == "size" and len(n.args) == 1 \
+                and "dim" not in n.kwargs:
+            return n.args[0]
+        return None
+
+    if node.op == "call_method" and node.target == "size":
+        dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+        return axes(node.args[0], dim)
+    if node.op == "call_method" and node.target == "numel":
+        return axes(node.args[0], None)
+    if node.op == "call_function" and node.target is operator.getitem:
+        base = whole_shape(node.args[0])
+        if base is not None:
+            return axes(base, node.args[1])
+    base = whole_shape(node)
+    return axes(base, None) if base is not None else None
+
+
+def _size_reads(prop: Propagation, arg: Any) -> list[tuple[fx.Node, int]]:
+    """Every tensor axis whose size a computed (non-tensor) argument depends on, through
+    integer arithmetic and tuple building (``C // self.num_heads``, ``(*x.shape[:-1], -1)``)."""
+    out: list[tuple[fx.Node, int]] = []
+    seen: set[str] = set()
+    stack = [arg]
+    while stack:
+        item = stack.pop()
+        if isinstance(item, (tuple, list)):
+            stack.extend(item)
+            continue
+        if isinstance(item, slice):
+            stack.extend((item.start, item.stop, item.step))
+            continue
+        if isinstance(item, dict):
+            stack.extend(item.values())
+            continue
+        if not isinstance(item, fx.Node) or item.name in seen:
+            continue
+        seen.add(item.name)
+        if isinstance(item.meta.get("tensor_meta"), TensorMetadata):
+            continue  # a tensor's values, not its sizes
+        read = _size_read(prop, item)
+        if read is not None:
+            out.extend(read)
+        else:
+            stack.extend(item.all_input_nodes)
+    return out
+
+
+def pin_size_reads(prop: Propagation, arg: Any, reason: str) -> None:
+    """Channels on every axis ``arg``'s sizes were read from are pinned: a size computed at
+    trace time from a channel axis would not follow a cut (``reshape(B, N, C)`` with ``C``
+    read from the residual stream, applied to an attention output)."""
+    for tensor, axis in _size_reads(prop, arg):
+        t = prop.track_on(tensor, axis)
+        if t is not None:
+            prop.freeze(t.ids, reason)
+
+
 def view_rule(prop: Propagation, node: fx.Node) -> None:
     """view/reshape: like :func:`reshape_tracks`; a channel axis whose new size is written as
-    a literal int would not adapt after pruning, so its channels are pinned."""
+    a literal int would not adapt after pruning, so its channels are pinned. A size read from
+    a tensor (``x.shape[k]``) ties that tensor's axis ``k`` to the output axis: their channels
+    are one when both are tracked (so their counts stay equal), pinned otherwise; a size
+    computed from several reads (``C // heads``) pins every channel axis it reads and the
+    output axis."""
     src = node.args[0]
     in_shape, out_shape = prop.shape(src), prop.shape(node)
     if in_shape is None or out_shape is None:
         prop.opaque_op(node, f"{node.target} without shapes")
         return
     out = reshape_tracks(prop, prop.get(src), in_shape, out_shape)
-    literal = _literal_dims(list(node.args[1:]) or [node.kwargs.get("shape", ())])
+    shape_args = list(node.args[1:]) or [node.kwargs.get("shape", ())]
+    literal = _literal_dims(shape_args)
     for t in out:
         if t.axes[0] in literal:
             prop.freeze(t.ids, "reshape to a literal channel count")
+    if len(shape_args) == 1 and isinstance(shape_args[0], (tuple, list)):
+        shape_args = list(shape_args[0])
+    if len(shape_args) != len(out_shape):  # a shape computed as a whole: cannot align axes
+        pin_size_reads(prop, shape_args, "its size fixes a reshape")
+        prop.set(node, out)
+        return
+    mine = {t.axes[0]: t for t in out}
+    for axis, size in enumerate(shape_args):
+        if not isinstance(size, fx.Node):
+            continue
+        direct = _size_read(prop, size)
+        if direct is not None and len(direct) == 1 and axis in mine:
+            read = prop.track_on(*direct[0])
+            if read is not None and len(read.ids) == len(mine[axis].ids):
+                prop.union(mine[axis].ids, read.ids)
+                continue
+        if axis in mine:
+            prop.freeze(mine[axis].ids, "reshape to a computed channel count")
+        pin_size_reads(prop, size, "its size fixes a reshape")
+    prop.set(node, out)
+
+
+def reshape_as_rule(prop: Propagation, node: fx.Node) -> None:
+    """reshape_as/view_as: the new shape is ``other``'s, so each output axis must keep the
+    same count as ``other``'s axis: channels on both are one; on one side only, pinned."""
+    src, other = node.args[0], node.args[1]
+    in_shape, out_shape = prop.shape(src), prop.shape(node)
+    if in_shape is None or out_shape is None:
+        prop.opaque_op(node, f"{node.target} without shapes")
+        return
+    out = reshape_tracks(prop, prop.get(src), in_shape, out_shape)
+    mine = {t.axes[0]: t for t in out}
+    theirs = {t.axes[0]: t for t in prop.get(other)}
+    for axis in sorted(set(mine) | set(theirs)):
+        a, b = mine.get(axis), theirs.get(axis)
+        if a is not None and b is not None and len(a.ids) == len(b.ids):
+            prop.union(a.ids, b.ids)
+            continue
+        for t in (a, b):
+            if t is not None:
+                prop.freeze(t.ids, f"{node.target} of a tensor with other channels")
+    prop.set(node, out)
+
+
+def stack_rule(prop: Propagation, node: fx.Node) -> None:
+    """torch.stack: a new axis at ``dim``; the inputs' channels on each other axis are one
+    (as in :func:`pointwise`); an input with no ids there pins them."""
+    tensors, dim = _node_args(node, ("tensors", "dim"))
+    out_shape = prop.shape(node)
+    if out_shape is None or not isinstance(tensors, (tuple, list)):
+        prop.opaque_op(node, "stack without shapes")
+        return
+    nd = len(out_shape)
+    dim = (dim or 0) % nd
+
+    def moved(t: Track) -> Track:
+        return Track((t.axes[0] + (t.axes[0] >= dim),), t.ids)
+
+    merged = merge_tracks(prop, [moved(t) for arg in tensors for t in prop.get(arg)])
+    for arg in tensors:
+        own = {moved(t).axes for t in prop.get(arg)}
+        for t in merged:
+            if t.axes not in own and out_shape[t.axes[0]] > 1:
+                prop.freeze(t.ids, "stacked with an untracked tensor")
+    prop.set(node, merged)
+
+
+def pad_rule(prop: Propagation, node: fx.Node) -> None:
+    """F.pad: ``pad`` pairs cover the last axes; channels on unpadded axes pass, channels on
+    a padded axis are pinned (the new positions belong to no channel)."""
+    src, pad = _node_args(node, ("input", "pad"))[:2]
+    shape = prop.shape(src)
+    if shape is None or not isinstance(pad, (tuple, list)):
+        prop.opaque_op(node, "pad without shapes")
+        return
+    nd = len(shape)
+    padded = {nd - 1 - i // 2 for i, p in enumerate(pad) if not (isinstance(p, int) and p == 0)}
+    out = []
+    for t in prop.get(src):
+        if t.axes[0] in padded:
+            prop.freeze(t.ids, "padding along a channel axis")
+        else:
+            out.append(t)
     prop.set(node, out)
 
 
@@ -370,6 +539,10 @@ def getitem_rule(prop: Propagation, node: fx.Node) -> None:
             continue
         if isinstance(item, int):
             mapping[src_axis] = -1
+        elif any(isinstance(b, fx.Node) for b in (item.start, item.stop, item.step)):
+            pin_size_reads(prop, item, "its size fixes a slice")  # x[:, :H]: computed bounds
+            mapping[src_axis] = -2
+            out_axis += 1
         else:
             full = item == slice(None) or (
                 item.step in (None, 1)
@@ -464,6 +637,12 @@ def conv_function(prop: Propagation, node: fx.Node) -> None:
     if w_out is None:
         prop.opaque_op(node, "conv with a computed weight")
         return
+    if not isinstance(groups, int):  # groups=x.shape[1]: the axis it reads is pinned
+        pin_size_reads(prop, groups, "its size fixes a conv's groups")
+        groups = prop.shape(x)[1] // prop.shape(w)[1]
+    elif groups > 1:  # a literal group count (F.conv2d(x, w, groups=self.channels)) stays
+        prop.freeze(w_out, "conv with a literal group count")
+        prop.freeze(prop.channel_ids(x, 1, "input of a conv"), "conv with a literal group count")
     b_ids = _param_ids(prop, b, 0)
     conv(prop, node, x, w_out, _param_ids(prop, w, 1) if groups == 1 else None,
          [b_ids] if b_ids is not None else [], groups)
@@ -752,6 +931,8 @@ def surgery_function_rules() -> dict[Any, Callable]:
         "Tensor.split": split_rule, "Tensor.chunk": split_rule, "Tensor.unbind": split_rule,
         operator.getitem: getitem_rule,
         "Tensor.view": view_rule, "Tensor.reshape": view_rule, torch.reshape: view_rule,
+        "Tensor.reshape_as": reshape_as_rule, "Tensor.view_as": reshape_as_rule,
+        torch.stack: stack_rule, F.pad: pad_rule,
         torch.flatten: reshape_like_rule, "Tensor.flatten": reshape_like_rule,
         torch.squeeze: reshape_like_rule, "Tensor.squeeze": reshape_like_rule,
         torch.unsqueeze: reshape_like_rule, "Tensor.unsqueeze": reshape_like_rule,
