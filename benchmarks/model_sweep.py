@@ -543,11 +543,15 @@ def _parse(source: str, name: str, text: str, killed: bool, seconds: float, tool
 
 
 def sweep(items: list[tuple[str, str]], tools: list[str], limit: float, jobs: int,
-          threads: int, verbose: bool) -> list[dict]:
+          threads: int, verbose: bool, checkpoint: Path | None = None,
+          done: list[dict] | None = None) -> list[dict]:
+    """Run every item not in ``done``; each result is appended to ``checkpoint`` (JSON lines)
+    as it comes, so an interrupted sweep resumes with ``--resume``."""
     _preload()
-    pending = list(items)
+    results = list(done or [])
+    finished = {(r["source"], r["name"]) for r in results}
+    pending = [i for i in items if i not in finished]
     running: list[_Job] = []
-    results = []
     hard = limit * len(tools) + 180  # both tools' limits plus building the model
     while pending or running:
         while pending and len(running) < jobs:
@@ -564,6 +568,9 @@ def sweep(items: list[tuple[str, str]], tools: list[str], limit: float, jobs: in
             running.remove(job)
             res = _parse(job.source, job.name, job.text(), killed, elapsed, tools)
             results.append(res)
+            if checkpoint is not None:
+                with open(checkpoint, "a") as f:
+                    f.write(json.dumps(res) + "\n")
             line = f"[{len(results):3d}/{len(items)}] {job.source:11s} {job.name:40s} {elapsed:6.1f}s"
             for t in tools:
                 ok = _passed(res, t)
@@ -574,6 +581,7 @@ def sweep(items: list[tuple[str, str]], tools: list[str], limit: float, jobs: in
                     if res[t].get("trace"):
                         print(res[t]["trace"], flush=True)
     order = {item: i for i, item in enumerate(items)}
+    results = [r for r in results if (r["source"], r["name"]) in order]
     results.sort(key=lambda r: order[(r["source"], r["name"])])
     return results
 
@@ -662,7 +670,7 @@ Each stage counts only if the earlier ones passed. Each model runs in its own (f
 {args.jobs} at a time with {args.threads} torch thread(s) each; each tool has {args.timeout:.0f} s.
 
 Command: `python benchmarks/model_sweep.py{_cmd_args(args)}`
-Machine: {machine()}. Whole sweep ({total} models, {" and ".join(names[t] for t in tools)}): {seconds / 60:.1f} min.
+Machine: {machine()}. Whole sweep ({total} models, {" and ".join(names[t] for t in tools)}): {seconds / 60:.1f} min{" (resumed from its checkpoint: models missing from it, or removed to rerun them after a fix, were run again; the time is the sum of the parts)" if getattr(args, "resumed", False) else ""}.
 
 ## Success rates
 
@@ -741,6 +749,10 @@ def main() -> None:
     p.add_argument("--refresh-timm", action="store_true", help="recount timm model sizes")
     p.add_argument("--no-write", action="store_true", help="do not write the doc")
     p.add_argument("--json", help="also dump the raw results here")
+    p.add_argument("--checkpoint", default=str(ROOT / "benchmarks" / ".cache" / "model_sweep.jsonl"),
+                   help="results so far, one JSON line per model")
+    p.add_argument("--resume", action="store_true",
+                   help="skip the models already in --checkpoint (an interrupted sweep)")
     p.add_argument("-v", "--verbose", action="store_true", help="print tracebacks of failures")
     p.add_argument("--worker", nargs=2, metavar=("SOURCE", "NAME"), help=argparse.SUPPRESS)
     args = p.parse_args()
@@ -756,8 +768,27 @@ def main() -> None:
     if args.limit:
         items = items[: args.limit]
     print(f"{len(items)} models, tools {tools}, listed in {time.time() - start:.0f} s", flush=True)
-    results = sweep(items, tools, args.timeout, args.jobs, args.threads, args.verbose)
-    seconds = time.time() - start
+    checkpoint = Path(args.checkpoint)
+    checkpoint.parent.mkdir(parents=True, exist_ok=True)
+    done, before = [], 0.0
+    if args.resume and checkpoint.is_file():
+        for line in checkpoint.read_text().splitlines():
+            rec = json.loads(line)
+            if "driver_seconds" in rec:
+                before = rec["driver_seconds"]
+            else:
+                done.append(rec)
+        print(f"resuming: {len(done)} models done in {before / 60:.1f} min", flush=True)
+    else:
+        checkpoint.write_text("")
+    try:
+        results = sweep(items, tools, args.timeout, args.jobs, args.threads, args.verbose,
+                        checkpoint, done)
+    finally:
+        with open(checkpoint, "a") as f:
+            f.write(json.dumps({"driver_seconds": before + time.time() - start}) + "\n")
+    seconds = before + time.time() - start
+    args.resumed = bool(done)
     if args.json:
         Path(args.json).write_text(json.dumps(results, indent=1))
     body = report(results, tools, seconds, args)

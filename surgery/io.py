@@ -33,6 +33,7 @@ import json
 import os
 import shutil
 import tempfile
+from collections import OrderedDict
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
@@ -358,10 +359,29 @@ def _read_plan(path: Path) -> PruningPlan:
         raise StorageError(f"{path / PLAN} is not a valid pruning plan: {exc}") from exc
 
 
+def _load_weights(model: nn.Module, file: Path, device: str | torch.device) -> None:
+    """Load safetensors weights into ``model``, strictly.
+
+    Unlike ``safetensors.torch.load_model`` this hands ``load_state_dict`` the rebuilt model's
+    own state-dict metadata (each module's ``version``): modules that migrate old checkpoints
+    in ``_load_from_state_dict`` (torchvision's MNASNet) refuse a state dict without it. A key
+    missing from the file is fine only when it is a tied tensor ``save_model`` wrote once.
+    """
+    from safetensors.torch import load_file
+
+    own = model.state_dict()
+    weights = OrderedDict(load_file(str(file), device=str(device)))
+    weights._metadata = getattr(own, "_metadata", None)  # type: ignore[attr-defined]
+    missing, unexpected = model.load_state_dict(weights, strict=False)
+    saved = {own[k].data_ptr() for k in weights if k in own and own[k].numel()}
+    missing = [k for k in missing if own[k].data_ptr() not in saved]
+    if missing or unexpected:
+        raise RuntimeError(f"missing keys {missing[:5]}, unexpected keys {unexpected[:5]}")
+
+
 def load(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.Module:
     """Rebuild the pruned model saved in ``path`` (in eval mode, on ``device``)."""
     from safetensors import SafetensorError
-    from safetensors.torch import load_model
 
     path = Path(path)
     manifest = read_manifest(path)
@@ -379,7 +399,7 @@ def load(path: str | os.PathLike, *, device: str | torch.device = "cpu") -> nn.M
     slice_model(model, plan)
     model.to(device)
     try:
-        load_model(model, str(path / WEIGHTS), strict=True, device=str(device))
+        _load_weights(model, path / WEIGHTS, device)
     except (SafetensorError, RuntimeError, OSError) as exc:
         raise StorageError(f"cannot load the weights in {path / WEIGHTS} into the rebuilt "
                            f"model: {exc}") from exc

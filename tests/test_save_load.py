@@ -103,6 +103,22 @@ def test_torchvision_and_factory_architectures(tmp_path):
         assert same(io.load(folder), small, x)
 
 
+def test_reload_keeps_module_versions(tmp_path):
+    """torchvision's MNASNet checks each block's state-dict ``version`` while loading; the
+    rebuilt model's own metadata must reach ``load_state_dict`` (the sweep found this)."""
+    import torchvision
+
+    torch.manual_seed(0)
+    dense = torchvision.models.mnasnet0_5(num_classes=10).eval()
+    x = torch.randn(1, 3, 64, 64)
+    c = find_groups(trace(dense, x))
+    plan = build_plan(c, {g.id: list(range(0, g.atoms, 2)) for g in c.prunable},
+                      criterion="test", target="output", budget={})
+    small = apply_plan(dense, plan, x)
+    folder = io.save(small, tmp_path / "m", plan, io.Architecture.torchvision("mnasnet0_5", num_classes=10))
+    assert same(io.load(folder), small, x)
+
+
 # ---------------------------------------------------------------------------------------
 # Atomic writes and damaged folders
 # ---------------------------------------------------------------------------------------

@@ -42,7 +42,7 @@ def check(model: nn.Module, x, *, min_prunable: int = 1) -> surgery.groups:
     assert torch.allclose(out, ref, atol=1e-5, rtol=1e-5)
     half = {g.id: np.arange(0, g.atoms, 2) for g in coupling.prunable}
     pruned = apply_plan(model, _plan(coupling, half), x)  # verifies the forward and shapes
-    assert sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
+    assert not coupling.prunable or sum(p.numel() for p in pruned.parameters()) < sum(p.numel() for p in model.parameters())
     return coupling
 
 
@@ -474,3 +474,67 @@ def test_functional_conv_with_literal_groups_and_unsaved_weight():
     assert not group_of(c, "conv1.weight").prunable  # the blur's channel count is fixed
     assert group_of(c, "conv2.weight").prunable
     assert all(p != "aa.filt" for g in c.prunable for p, _ in g.slices)
+
+
+# ---------------------------------------------------------------------------------------
+# the two fixes above, one at a time: a non-persistent buffer on a channel axis, and a
+# literal group count in a functional conv whose weight is an ordinary parameter
+# ---------------------------------------------------------------------------------------
+
+
+class ScaledConv(nn.Module):
+    """A per-channel scale kept as a buffer, persistent or not (timm keeps such constants
+    out of the state dict with ``persistent=False``)."""
+
+    def __init__(self, persistent: bool) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 1)
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, 8).view(8, 1, 1), persistent=persistent)
+        self.conv2 = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.conv2(torch.relu(self.conv1(x) * self.scale)).mean((2, 3))
+
+
+def test_non_persistent_buffer_pins_its_channels():
+    c = check(ScaledConv(persistent=False), torch.randn(1, 3, 8, 8), min_prunable=0)
+    group = group_of(c, "conv1.weight")
+    assert not group.prunable and "non-persistent buffer scale" in group.reason
+
+
+def test_persistent_buffer_is_cut_with_its_channels(tmp_path):
+    model = ScaledConv(persistent=True).eval()
+    x = torch.randn(2, 3, 8, 8)
+    c = check(model, x)
+    group = group_of(c, "conv1.weight")
+    assert group.prunable and ("scale", 0) in group.slices
+    pruned, plan = surgery.prune(model, x, sparsity=0.5, budget="params", criterion="magnitude")
+    kept = len(next(g for g in plan.groups if g.id == group.id).kept)
+    assert pruned.scale.shape == (kept, 1, 1) and kept < 8
+    arch = surgery.io.Architecture.factory("test_sweep_rules:ScaledConv", persistent=True)
+    surgery.io.save(pruned, tmp_path / "m", plan, arch)  # the buffer is in the state dict
+    with torch.no_grad():
+        assert torch.equal(surgery.io.load(tmp_path / "m")(x), pruned(x))
+
+
+class LiteralGroups(nn.Module):
+    """F.conv2d with ``groups=2`` written as a literal and a weight that is a parameter: after
+    a cut the literal would no longer divide the channels, so both sides stay whole."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 1)
+        self.weight = nn.Parameter(torch.randn(8, 4, 3, 3) / 6)
+        self.conv2 = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        y = F.conv2d(torch.relu(self.conv1(x)), self.weight, padding=1, groups=2)
+        return self.conv2(torch.relu(y)).mean((2, 3))
+
+
+def test_literal_group_count_pins_both_sides_of_the_conv():
+    c = check(LiteralGroups(), torch.randn(1, 3, 8, 8), min_prunable=0)
+    for param in ("conv1.weight", "weight"):
+        group = group_of(c, param)
+        assert not group.prunable and "literal group count" in group.reason, (param, group.reason)
+
