@@ -44,6 +44,7 @@ def make_plan(
     budget: str = "macs",
     budget_scope: str | tuple[str, ...] = (),
     kinds: Iterable[str] | None = None,
+    kind_weights: dict[str, float] | None = None,
     criterion: str = "mi",
     target: str = "output",
     allocation: str = "uniform",
@@ -58,7 +59,7 @@ def make_plan(
     """Decide what to keep without touching the model; see :func:`prune` for the arguments."""
     return _decide(
         model, example_inputs, calib_data, sparsity, budget=budget, budget_scope=budget_scope,
-        kinds=kinds, criterion=criterion,
+        kinds=kinds, kind_weights=kind_weights, criterion=criterion,
         target=target, allocation=allocation, estimator=estimator, round_to=round_to,
         min_keep=min_keep, max_batches=max_batches, seed=seed, distributed=distributed,
         progress=progress,
@@ -74,6 +75,7 @@ def _decide(
     budget: str,
     budget_scope: str | tuple[str, ...],
     kinds: Iterable[str] | None,
+    kind_weights: dict[str, float] | None,
     criterion: str,
     target: str,
     allocation: str,
@@ -119,7 +121,8 @@ def _decide(
     scope = (budget_scope,) if isinstance(budget_scope, str) else tuple(budget_scope)
     cost = CostModel(coupling, node_macs(coupling.capture.graph_module,
                                          coupling.capture.example_args), scope)
-    counts = uniform_counts(cost, sparsity, budget, round_to=round_to, min_keep=min_keep)
+    counts = uniform_counts(cost, sparsity, budget, round_to=round_to, min_keep=min_keep,
+                            kind_weights=kind_weights)
     ctx = ScoreContext(coupling, seed=seed)
     if crit.needs_calibration or (statistics and calib_data is not None):
         ctx.calibration = calibrate(
@@ -138,6 +141,7 @@ def _decide(
         budget={
             "kind": budget, "scope": list(scope), "sparsity": sparsity, "allocation": allocation,
             "round_to": round_to, "min_keep": min_keep, "estimator": estimator,
+            "kind_weights": dict(kind_weights or {}),
             "dense_params": cost.dense.params, "dense_macs": cost.dense.macs,
             "estimated_params": estimate.params, "estimated_macs": estimate.macs,
         },
@@ -154,6 +158,7 @@ def prune(
     budget: str = "macs",
     budget_scope: str | tuple[str, ...] = (),
     kinds: Iterable[str] | None = None,
+    kind_weights: dict[str, float] | None = None,
     criterion: str = "mi",
     target: str = "output",
     allocation: str = "uniform",
@@ -176,6 +181,9 @@ def prune(
       ``"bert.encoder"`` for "encoder parameters removed"); default: all parameters.
     - ``kinds``: only cut groups of these kinds (e.g. ``{"neuron", "head"}`` to keep a
       transformer's hidden size); default: every prunable group.
+    - ``kind_weights``: per-kind removal rates relative to one shared rate (uniform
+      allocation), e.g. ``{"neuron": 1, "head": 0.5, "hidden": 0.25}`` cuts FFN neurons
+      twice as fast as heads; default: every kind at the same rate.
     - ``calib_data``: iterable of batches (``inputs``, ``(inputs, labels)`` or dicts with
       ``labels``) for criteria that need activations (``mi``).
     - ``criterion``: ``mi`` (default), ``magnitude``, ``random`` or a plugin's.
@@ -196,7 +204,7 @@ def prune(
     """
     plan, ctx, kept = _decide(
         model, example_inputs, calib_data, sparsity, budget=budget, budget_scope=budget_scope,
-        kinds=kinds, criterion=criterion,
+        kinds=kinds, kind_weights=kind_weights, criterion=criterion,
         target=target, allocation=allocation, estimator=estimator, round_to=round_to,
         min_keep=min_keep, max_batches=max_batches, seed=seed, distributed=distributed,
         progress=progress, statistics=compensate,

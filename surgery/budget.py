@@ -103,34 +103,52 @@ def _first_k(coupling: Coupling, counts: dict[int, int]) -> dict[int, np.ndarray
 
 
 def uniform_counts(cost: CostModel, sparsity: float, kind: str, *, round_to: int = 1,
-                   min_keep: int = 1) -> dict[int, int]:
-    """Atoms kept per group for one keep ratio shared by all groups, refined group by group
-    until the removed share is as close to ``sparsity`` as whole atoms allow."""
-    groups = cost.coupling.prunable
+                   min_keep: int = 1, kind_weights: dict[str, float] | None = None
+                   ) -> dict[int, int]:
+    """Atoms kept per group for one removal rate shared by all groups, refined group by group
+    until the removed share is as close to ``sparsity`` as whole atoms allow.
 
-    def counts(r: float) -> dict[int, int]:
-        return {g.id: _rounded(r * g.atoms, g.atoms, round_to, min_keep) for g in groups}
+    ``kind_weights`` scales the rate per group kind: a group of kind ``k`` loses the fraction
+    ``min(1, w_k * t)`` of its atoms, one ``t`` for the whole model (kinds not named weigh 1).
+    Transformers lose far less accuracy per parameter from FFN neurons than from heads or
+    hidden dims, so e.g. ``{"neuron": 1, "head": 0.5, "hidden": 0.25}`` spends the budget on
+    neurons first while every kind still shrinks; equal weights are the paper's setting."""
+    groups = cost.coupling.prunable
+    weights = {g.id: float((kind_weights or {}).get(g.kind, 1.0)) for g in groups}
+    if any(w < 0 or not np.isfinite(w) for w in weights.values()):
+        raise BudgetError(f"kind_weights must be finite and >= 0, got {kind_weights!r}.")
+    if not any(w > 0 for w in weights.values()):
+        raise BudgetError(f"kind_weights {kind_weights!r} give every prunable group weight 0, so "
+                          "nothing can be cut; give at least one of the model's kinds "
+                          f"{sorted({g.kind for g in groups})} a positive weight.")
+    t_max = 1.0 / min(w for w in weights.values() if w > 0)
+
+    def counts(t: float) -> dict[int, int]:
+        return {g.id: _rounded((1.0 - min(1.0, weights[g.id] * t)) * g.atoms, g.atoms,
+                               round_to, min_keep) for g in groups}
 
     def removed(c: dict[int, int]) -> float:
         return cost.removed(cost.mask(_first_k(cost.coupling, c)), kind)
 
-    most = removed(counts(0.0))
+    most = removed(counts(t_max))
     if sparsity > most + 1e-9:
         whole = [g for g in groups if g.atoms <= min_keep]
         note = (f"; min_keep={min_keep} keeps {len(whole)} of the {len(groups)} prunable groups "
                 f"whole (largest group: {max(g.atoms for g in groups)} atoms)") if whole else ""
+        spared = sorted({g.kind for g in groups if weights[g.id] == 0})
+        note += f"; kind_weights spare {spared}" if spared else ""
         raise BudgetError(
             f"at most {most:.1%} of {kind} can be removed from this model (every prunable group "
             f"down to {min_keep} atom(s){note}); asked for {sparsity:.1%}. Lower the sparsity or "
             "min_keep, or unfreeze modules."
         )
-    lo, hi = 0.0, 1.0
+    lo, hi = 0.0, t_max
     for _ in range(40):
         mid = (lo + hi) / 2
         if removed(counts(mid)) >= sparsity:
-            lo = mid
-        else:
             hi = mid
+        else:
+            lo = mid
     best = min((counts(lo), counts(hi)), key=lambda c: abs(removed(c) - sparsity))
     return _refine(best, removed, sparsity, groups, round_to, min_keep)
 

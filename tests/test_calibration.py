@@ -1,0 +1,73 @@
+"""Calibration statistics: the shortcuts taken for speed give the sums plain sampling gives.
+
+Two shortcuts: each batch's outer product is taken in float32 after centring, and the sums of
+a target that is exactly a linear layer's output are derived from its input's sums instead
+of being sampled. Both must agree with float64 sums of the sampled activations.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from surgery import calibration
+from surgery.calibration import MomentSums, calibrate
+from surgery.groups import find_groups
+from surgery.capture import trace
+from transformer_zoo import inputs, make
+
+pytestmark = pytest.mark.usefixtures("single_thread")
+
+
+def _exact(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    z = z.double()
+    mean = z.mean(0)
+    return mean, (z - mean).T @ (z - mean) / len(z)
+
+
+def test_batched_float32_sums_match_float64_with_large_means():
+    torch.manual_seed(0)
+    # channels with means 1000x their spread: float32 sums of raw squares would lose it
+    batches = [(torch.randn(300, 6) + torch.arange(6) * 1e3).double() for _ in range(4)]
+    sums = MomentSums(4, 2)
+    for b in batches:
+        sums.add(b)
+    mean, cov = _exact(torch.cat(batches))
+    assert sums.n == 1200
+    assert torch.allclose(sums.mean(), mean, rtol=0, atol=1e-9)
+    assert torch.allclose(sums.covariance(), cov, rtol=1e-4, atol=1e-6)
+
+
+def test_linear_target_sums_equal_sampled_sums():
+    torch.manual_seed(0)
+    x = torch.randn(500, 5) @ torch.randn(5, 5) + 3.0
+    layer = torch.nn.Linear(5, 3)
+    t = layer(x).detach()
+    sampled, x_only = MomentSums(5, 3), MomentSums(5, 0)
+    sampled.add(torch.cat([x, t], 1))
+    x_only.add(x)
+    derived = x_only.with_linear_target(layer.weight, layer.bias)
+    assert (derived.dx, derived.dt, derived.n) == (5, 3, 500)
+    assert torch.allclose(derived.mean(), sampled.mean(), atol=1e-5)
+    assert torch.allclose(derived.covariance(), sampled.covariance(), rtol=1e-4, atol=1e-4)
+
+
+def test_calibrating_bert_derives_linear_targets_and_matches_sampling(monkeypatch):
+    model = make("bert").eval()
+    x = inputs("bert", model)
+    coupling = find_groups(trace(model, x))
+    batches = [inputs("bert", model, seed=s) for s in range(3)]
+    derived_calls = []
+    real = MomentSums.with_linear_target
+    monkeypatch.setattr(MomentSums, "with_linear_target",
+                        lambda self, w, b: derived_calls.append(1) or real(self, w, b))
+    fast = calibrate(coupling, batches)
+    assert derived_calls, "no relation's target was derived from a linear reader"
+    monkeypatch.setattr(calibration, "_linear_target", lambda *a: None)
+    slow = calibrate(coupling, batches)
+    assert fast.sums.keys() == slow.sums.keys()
+    for i in fast.sums:
+        a, b = fast.sums[i], slow.sums[i]
+        assert (a.dx, a.dt, a.n) == (b.dx, b.dt, b.n)
+        scale = b.covariance().abs().max()
+        assert torch.allclose(a.covariance(), b.covariance(), atol=1e-4 * scale), i
