@@ -9,9 +9,12 @@ distillation recovery for every method, parameters, CPU latency (batch 32) and p
 a table and an accuracy-vs-size plot in docs/benchmarks/.
 
 Models (see ../shared/assets.md for the data):
-- ``cnn``: a ResNet-18 trained on Fashion-MNIST (the demo's, cached).
+- ``cnn``: a ResNet-18 trained on Fashion-MNIST (the demo's, cached);
+- ``minilm``: all-MiniLM-L6-v2 fine-tuned on Rotten Tomatoes (the demo's, cached); sizes are
+  shares of the encoder's parameters; Torch-Pruning cuts channels, heads' dims and the
+  hidden size (heads declared as in its BERT example).
 
-Usage: ``python benchmarks/mi_vs_baselines.py --model cnn [--sizes 0.3,0.5,0.75]
+Usage: ``python benchmarks/mi_vs_baselines.py --model cnn|minilm [--sizes 0.3,0.5,0.75]
 [--recovery-steps 100]``.
 """
 
@@ -47,6 +50,9 @@ class Task:
     scope: Callable[[torch.nn.Module], int]
     ignored: Callable[[torch.nn.Module], list[torch.nn.Module]]
     loss: Callable[[torch.nn.Module, Any], torch.Tensor]
+    budget_scope: str = ""
+    several_kinds: bool = False  # heads, neurons, hidden dims: compare per-kind rates
+    output: Callable[[Any], torch.Tensor] = lambda out: out
 
 
 def cnn_task() -> Task:
@@ -73,17 +79,43 @@ def cnn_task() -> Task:
     )
 
 
-TASKS = {"cnn": cnn_task}
+def minilm_task() -> Task:
+    from surgery.datasets import AssetMissing
+    from surgery.demo import minilm_rotten_tomatoes, text_accuracy
+
+    try:
+        task = minilm_rotten_tomatoes()
+    except AssetMissing as exc:
+        sys.exit(str(exc))
+    model = task.model
+    batches = task.batches("train", 32)
+    calib, train = batches[:16], batches[16:]  # 512 snippets to calibrate, the rest to recover
+    test = task.batches("test")
+    scope = "bert.encoder"
+    return Task(
+        name="minilm", title="all-MiniLM-L6-v2 fine-tuned on Rotten Tomatoes", model=model,
+        example={k: v[:2] for k, v in calib[0].items() if k != "labels"}, calib=calib,
+        train=train, evaluate=lambda m: text_accuracy(m, test),
+        latency_input={k: v[:32] for k, v in test[0].items() if k != "labels"},
+        scope=lambda m: sum(p.numel() for n, p in m.named_parameters() if n.startswith(scope)),
+        ignored=lambda m: [m.classifier, m.bert.pooler],
+        loss=lambda m, b: m(**b).loss, budget_scope=scope, output=lambda out: out.logits,
+        several_kinds=True,
+    )
+
+
+TASKS = {"cnn": cnn_task, "minilm": minilm_task}
 
 
 # ---- methods ------------------------------------------------------------------------------
 
-def ours(criterion: str) -> Callable[[Task, float], torch.nn.Module]:
+def ours(criterion: str, **options: Any) -> Callable[[Task, float], torch.nn.Module]:
     def run(task: Task, size: float) -> torch.nn.Module:
         import surgery
 
         pruned, _ = surgery.prune(task.model, task.example, task.calib, sparsity=size,
-                                  budget="params", criterion=criterion, target="output")
+                                  budget="params", budget_scope=task.budget_scope,
+                                  criterion=criterion, target="output", **options)
         return pruned
     return run
 
@@ -93,6 +125,7 @@ def torch_pruning(kind: str) -> Callable[[Task, float], torch.nn.Module]:
     followed by the same BatchNorm re-estimation our methods get."""
     def make(task: Task, ratio: float) -> torch.nn.Module:
         import torch_pruning as tp
+        from _common import tp_fix_heads, tp_heads
 
         from surgery.recovery import recalibrate_batchnorm
 
@@ -100,13 +133,16 @@ def torch_pruning(kind: str) -> Callable[[Task, float], torch.nn.Module]:
         imp = {"magnitude": tp.importance.GroupMagnitudeImportance(p=2),
                "taylor": tp.importance.GroupTaylorImportance(),
                "random": tp.importance.RandomImportance()}[kind]
+        heads = tp_heads(model)
         pruner = tp.pruner.MetaPruner(model, task.example, importance=imp, pruning_ratio=ratio,
-                                      ignored_layers=task.ignored(model))
+                                      ignored_layers=task.ignored(model), num_heads=heads,
+                                      output_transform=lambda out: task.output(out).sum())
         if kind == "taylor":
             model.zero_grad()
             for batch in task.calib[:4]:
                 task.loss(model, batch).backward()
         pruner.step()
+        tp_fix_heads(model, pruner, heads)
         model.zero_grad()
         recalibrate_batchnorm(model, task.calib)  # the same post-step our methods get
         return model.eval()
@@ -147,6 +183,7 @@ def unstructured(task: Task, size: float) -> torch.nn.Module:
 
 METHODS: dict[str, Callable[[Task, float], torch.nn.Module]] = {
     "ours: mi (joint)": ours("mi"),
+    "ours: mi (joint), kinds alike": ours("mi", kind_weights="uniform"),
     "ours: mi_topk": ours("mi_topk"),
     "ours: magnitude": ours("magnitude"),
     "Torch-Pruning: group L2 magnitude": torch_pruning("magnitude"),
@@ -199,6 +236,8 @@ def main() -> None:
     task = TASKS[args.model]()
     sizes = [float(s) for s in args.sizes.split(",")]
     wanted = [m for m in METHODS if not args.methods or any(w in m for w in args.methods.split(","))]
+    if not task.several_kinds:  # one kind of group: "kinds alike" is plain "mi"
+        wanted = [m for m in wanted if "kinds alike" not in m]
     dense_acc = task.evaluate(task.model)
     dense_params = task.scope(task.model)
     dense_lat = surgery.measure_latency(task.model, task.latency_input, repeats=5)

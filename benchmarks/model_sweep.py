@@ -307,51 +307,12 @@ def _num_classes(dense: list) -> int:
     return int(dense[0].shape[-1])
 
 
-def _tp_heads(model) -> dict:
-    """Attention heads declared to Torch-Pruning as its examples do (timm: ``qkv`` with
-    ``num_heads``; Hugging Face: ``query``/``key``/``value`` with ``num_attention_heads``)."""
-    import torch.nn as nn
-
-    heads = {}
-    for m in model.modules():
-        n = getattr(m, "num_heads", None) or getattr(m, "num_attention_heads", None) \
-            or getattr(m, "n_heads", None)
-        if not isinstance(n, int):
-            continue
-        for child in ("qkv", "query", "key", "value", "q_proj", "k_proj", "v_proj", "q_lin",
-                      "k_lin", "v_lin", "q", "k", "v"):
-            layer = getattr(m, child, None)
-            if isinstance(layer, nn.Linear):
-                heads[layer] = n
-    return heads
-
-
-def _tp_fix_heads(model, pruner, heads: dict) -> None:
-    """After ``step()``: head counts and sizes as Torch-Pruning's timm and BERT examples set them."""
-    for m in model.modules():
-        for child in ("qkv", "query", "q_proj", "q_lin", "q"):
-            layer = getattr(m, child, None)
-            if layer is None or layer not in heads:
-                continue
-            n = pruner.num_heads.get(layer, heads[layer])
-            width = layer.out_features // (3 if child == "qkv" else 1)
-            for attr in ("num_heads", "num_attention_heads", "n_heads"):
-                if isinstance(getattr(m, attr, None), int):
-                    setattr(m, attr, n)
-            for attr in ("head_dim", "attention_head_size", "dim_per_head"):
-                if isinstance(getattr(m, attr, None), int):
-                    setattr(m, attr, width // n)
-            for attr in ("all_head_size", "attn_dim"):
-                if isinstance(getattr(m, attr, None), int):
-                    setattr(m, attr, width)
-            break
-
-
 def run_tp(base, x, dense: list, tmp: Path, stage: list) -> dict:
     import torch
     import torch.nn as nn
     import torch_pruning as tp
 
+    from _common import tp_fix_heads, tp_heads
     from surgery.counting import count_macs
 
     info: dict[str, Any] = {}
@@ -361,7 +322,7 @@ def run_tp(base, x, dense: list, tmp: Path, stage: list) -> dict:
     ignored = [m for m in model.modules()
                if (isinstance(m, nn.Linear) and m.out_features == classes)
                or (isinstance(m, nn.modules.conv._ConvNd) and m.out_channels == classes)]
-    heads = _tp_heads(model)
+    heads = tp_heads(model)
     pruner = tp.pruner.MetaPruner(
         model, x, importance=tp.importance.GroupMagnitudeImportance(p=2),
         pruning_ratio=TP_RATIO, ignored_layers=ignored, num_heads=heads,
@@ -371,7 +332,7 @@ def run_tp(base, x, dense: list, tmp: Path, stage: list) -> dict:
     stage[0] = "prune"
     dense_macs = count_macs(base, x)
     pruner.step()
-    _tp_fix_heads(model, pruner, heads)
+    tp_fix_heads(model, pruner, heads)
     emit(tool="tp", stage="prune", ok=True)
     stage[0] = "run"
     model.eval()

@@ -52,6 +52,7 @@ from surgery_plugins.attention import (
     head_keys,
     is_module_of,
     matches,
+    transformer_kind_weights,
 )
 
 HF_LAYOUTS: tuple[HeadLayout, ...] = (
@@ -141,6 +142,11 @@ def surgery_function_rules() -> dict[Any, Callable]:
 
     names = ("create_bidirectional_mask", "create_causal_mask", "create_sliding_window_causal_mask")
     return {getattr(masking, n): no_channels for n in names if hasattr(masking, n)}
+
+
+@hookimpl
+def surgery_kind_weights(model: nn.Module, kinds: list[str]) -> dict[str, float] | None:
+    return transformer_kind_weights(kinds) if _is_hf(model) and "head" in kinds else None
 
 
 @hookimpl

@@ -35,6 +35,7 @@ from surgery_plugins.attention import (
     head_keys,
     is_module_of,
     matches,
+    transformer_kind_weights,
 )
 
 TIMM_LAYOUT = HeadLayout(qkv="qkv", out="proj", heads="num_heads", head_dim="head_dim",
@@ -95,6 +96,11 @@ def surgery_module_rules() -> dict[type, Callable]:
     rules: dict[type, Callable] = {cls: attention_rule(TIMM_LAYOUT) for cls in _TIMM_ATTENTION}
     rules.update({cls: embeddings_rule for cls in _HF_EMBEDDINGS})
     return rules
+
+
+@hookimpl
+def surgery_kind_weights(model: nn.Module, kinds: list[str]) -> dict[str, float] | None:
+    return transformer_kind_weights(kinds) if _is_timm(model) and "head" in kinds else None
 
 
 @hookimpl

@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import copy
+import itertools
 import numbers
 from typing import Any, Callable, Iterable
 
 import torch
 
+from surgery.allocation import output_gap, outputs, search_kind_weights
 from surgery.apply import apply_plan
 from surgery.budget import CostModel, check_sparsity, global_kept, uniform_counts
 from surgery.calibration import calibrate
@@ -18,6 +20,7 @@ from surgery.criteria import ScoreContext, get_criterion
 from surgery.errors import BudgetError, CalibrationError
 from surgery.groups import ChannelGroup, Coupling, find_groups
 from surgery.plan import PruningPlan, build_plan
+from surgery.plugins import call_hook
 from surgery.recovery import recalibrate_batchnorm
 from surgery.scoring import top_down
 
@@ -44,7 +47,7 @@ def make_plan(
     budget: str = "macs",
     budget_scope: str | tuple[str, ...] = (),
     kinds: Iterable[str] | None = None,
-    kind_weights: dict[str, float] | None = None,
+    kind_weights: dict[str, float] | str | None = None,
     criterion: str = "mi",
     target: str = "output",
     allocation: str = "uniform",
@@ -75,7 +78,7 @@ def _decide(
     budget: str,
     budget_scope: str | tuple[str, ...],
     kinds: Iterable[str] | None,
-    kind_weights: dict[str, float] | None,
+    kind_weights: dict[str, float] | str | None,
     criterion: str,
     target: str,
     allocation: str,
@@ -121,32 +124,103 @@ def _decide(
     scope = (budget_scope,) if isinstance(budget_scope, str) else tuple(budget_scope)
     cost = CostModel(coupling, node_macs(coupling.capture.graph_module,
                                          coupling.capture.example_args), scope)
+    if isinstance(kind_weights, str) and kind_weights not in ("search", "uniform"):
+        raise BudgetError(f"kind_weights must be a dict {{kind: weight}}, 'search', 'uniform' "
+                          f"or None, got {kind_weights!r}.")
+    kinds_present = sorted({g.kind for g in coupling.prunable})
+    search = kind_weights == "search" and len(kinds_present) > 1
+    if search and calib_data is None:
+        raise CalibrationError("kind_weights='search' runs candidate pruned models on "
+                               "calibration batches: pass calib_data.")
+    prior = call_hook("surgery_kind_weights", model=model, kinds=kinds_present)
+    if kind_weights is None or kind_weights == "search":
+        weights = prior
+    elif kind_weights == "uniform":
+        weights = None
+    else:
+        weights = kind_weights
+    # uniform_counts validates the weights before calibration spends any time
     counts = uniform_counts(cost, sparsity, budget, round_to=round_to, min_keep=min_keep,
-                            kind_weights=kind_weights)
+                            kind_weights=weights)
     ctx = ScoreContext(coupling, seed=seed)
-    if crit.needs_calibration or (statistics and calib_data is not None):
+    if crit.needs_calibration or ((statistics or search) and calib_data is not None):
         ctx.calibration = calibrate(
             coupling, calib_data, target=target, max_batches=max_batches,
             progress=(lambda i: progress("calibrate", i)) if progress else None,
             distributed=distributed,
         )
-    kept, scores = top_down(
-        crit, ctx, counts, progress=(lambda i: progress("score", i)) if progress else None
-    )
-    if allocation == "global":
-        kept = global_kept(cost, scores, sparsity, budget, round_to=round_to, min_keep=min_keep)
+
+    def choose(w: dict[str, float] | None) -> tuple[dict, dict]:
+        ctx.kept = {}
+        c = counts if w is weights else uniform_counts(
+            cost, sparsity, budget, round_to=round_to, min_keep=min_keep, kind_weights=w)
+        kept, scores = top_down(
+            crit, ctx, c, progress=(lambda i: progress("score", i)) if progress else None
+        )
+        if allocation == "global":
+            kept = global_kept(cost, scores, sparsity, budget, round_to=round_to,
+                               min_keep=min_keep)
+        return kept, scores
+
+    history: list = []
+    if search:
+        weights, history, (kept, scores) = _search_kinds(
+            model, example_inputs, calib_data, ctx, choose, kinds_present, weights,
+            compensate=statistics, progress=progress)
+    else:
+        kept, scores = choose(weights)
     estimate = cost.cost(cost.mask(kept))
     plan = build_plan(
         coupling, kept, criterion=criterion, target=target, scores=scores,
         budget={
             "kind": budget, "scope": list(scope), "sparsity": sparsity, "allocation": allocation,
             "round_to": round_to, "min_keep": min_keep, "estimator": estimator,
-            "kind_weights": dict(kind_weights or {}),
+            "kind_weights": dict(weights or {}),
+            **({"kind_search": [[w, g] for w, g in history]} if history else {}),
             "dense_params": cost.dense.params, "dense_macs": cost.dense.macs,
             "estimated_params": estimate.params, "estimated_macs": estimate.macs,
         },
     )
     return plan, ctx, kept
+
+
+def _realise(model: torch.nn.Module, ctx: ScoreContext, kept: dict, plan: PruningPlan,
+             example_inputs: Any, *, compensate: bool, inplace: bool = False) -> torch.nn.Module:
+    """Cut ``model`` (a copy unless ``inplace``) by ``plan``, refitting the readers of cut
+    groups first when ``compensate`` and calibration statistics are there."""
+    target_model = model if inplace else copy.deepcopy(model)
+    if compensate and ctx.calibration is not None:
+        plan.extra["compensated"] = compensate_readers(target_model, ctx.coupling,
+                                                       ctx.calibration, kept)
+    return apply_plan(target_model, plan, example_inputs, inplace=True)
+
+
+def _search_kinds(model, example_inputs, calib_data, ctx: ScoreContext, choose, kinds, start,
+                  *, compensate: bool, progress, batches: int = 8):
+    """kind_weights='search' (see :mod:`surgery.allocation`): returns the chosen weights, the
+    candidates tried with their output gaps, and the chosen candidate's (kept, scores)."""
+    from surgery.modes import restore_modes, training_modes
+
+    evaluation = list(itertools.islice(iter(calib_data), batches))
+    modes = training_modes(model)
+    model.eval()
+    try:
+        dense = outputs(model, evaluation)
+    finally:
+        restore_modes(modes)
+    found: dict[tuple, tuple[dict, dict]] = {}
+
+    def gap(w: dict[str, float]) -> float:
+        kept, scores = choose(w)
+        found[tuple(sorted(w.items()))] = (kept, scores)
+        plan = build_plan(ctx.coupling, kept, criterion="search", target="output", budget={})
+        small = _realise(model, ctx, kept, plan, example_inputs, compensate=compensate).eval()
+        return output_gap(dense, outputs(small, evaluation))
+
+    tried = itertools.count()
+    log = (lambda msg: progress("search", next(tried))) if progress else None
+    weights, history = search_kind_weights(gap, kinds, start, log=log)
+    return weights, history, found[tuple(sorted(weights.items()))]
 
 
 def prune(
@@ -158,7 +232,7 @@ def prune(
     budget: str = "macs",
     budget_scope: str | tuple[str, ...] = (),
     kinds: Iterable[str] | None = None,
-    kind_weights: dict[str, float] | None = None,
+    kind_weights: dict[str, float] | str | None = None,
     criterion: str = "mi",
     target: str = "output",
     allocation: str = "uniform",
@@ -181,9 +255,12 @@ def prune(
       ``"bert.encoder"`` for "encoder parameters removed"); default: all parameters.
     - ``kinds``: only cut groups of these kinds (e.g. ``{"neuron", "head"}`` to keep a
       transformer's hidden size); default: every prunable group.
-    - ``kind_weights``: per-kind removal rates relative to one shared rate (uniform
-      allocation), e.g. ``{"neuron": 1, "head": 0.5, "hidden": 0.25}`` cuts FFN neurons
-      twice as fast as heads; default: every kind at the same rate.
+    - ``kind_weights``: per-kind removal rates relative to one shared rate, e.g.
+      ``{"neuron": 1, "head": 0.5, "hidden": 0.25}`` cuts FFN neurons twice as fast as heads;
+      ``"search"`` refines the default by trying candidates on calibration batches (about
+      ten prunes' time; see :mod:`surgery.allocation`); ``"uniform"``: every kind at the
+      same rate (the paper's setting); default: the plugin's (transformers: neurons 1, heads
+      0.5, hidden dims 0.1), else uniform.
     - ``calib_data``: iterable of batches (``inputs``, ``(inputs, labels)`` or dicts with
       ``labels``) for criteria that need activations (``mi``).
     - ``criterion``: ``mi`` (default), ``magnitude``, ``random`` or a plugin's.
@@ -209,11 +286,8 @@ def prune(
         min_keep=min_keep, max_batches=max_batches, seed=seed, distributed=distributed,
         progress=progress, statistics=compensate,
     )
-    target_model = model if inplace else copy.deepcopy(model)
-    if compensate and ctx.calibration is not None:
-        plan.extra["compensated"] = compensate_readers(target_model, ctx.coupling,
-                                                       ctx.calibration, kept)
-    pruned = apply_plan(target_model, plan, example_inputs, inplace=True)
+    pruned = _realise(model, ctx, kept, plan, example_inputs, compensate=compensate,
+                      inplace=inplace)
     if recalibrate and calib_data is not None:
         plan.extra["recalibrated_batchnorms"] = recalibrate_batchnorm(pruned, calib_data, max_batches)
     plan.budget["params"] = count_params(pruned)

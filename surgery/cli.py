@@ -33,19 +33,45 @@ err_console = Console(stderr=True)
 
 @app.command()
 def demo(
-    sparsity: float = typer.Option(0.5, help="Share of MACs to remove."),
+    task: str = typer.Argument("minilm", help="minilm (the default: all-MiniLM-L6-v2 on Rotten "
+                                              "Tomatoes) or resnet18 (on Fashion-MNIST)."),
+    sparsity: float = typer.Option(0.5, help="Share of the encoder's parameters (minilm) or "
+                                             "of MACs (resnet18) to remove."),
     criterion: str = typer.Option("mi", help="mi, mi_topk, magnitude or random."),
-    out: Path = typer.Option(Path("surgery-demo"), help="Folder for the plan."),
-    calib_images: int = typer.Option(512, help="Calibration images."),
-    test_images: int = typer.Option(2000, help="Test images for accuracy."),
+    out: Path = typer.Option(Path("surgery-demo"), help="Output folder (replaced)."),
 ) -> None:
-    """Prune a ResNet-18 trained on real Fashion-MNIST and print before/after."""
+    """Prune a real trained model on real data and print before/after.
+
+    minilm: fine-tunes all-MiniLM-L6-v2 on Rotten Tomatoes once (cached), then runs
+    'surgery prune' on it and leaves the pruned model, plan and report in --out."""
+    if task == "resnet18":
+        return _demo_resnet18(sparsity, criterion, out)
+    if task != "minilm":
+        raise typer.BadParameter(f"task must be minilm or resnet18, got {task!r}.")
+    from surgery import demo as job
+
+    with console.status("loading or fine-tuning all-MiniLM-L6-v2 on Rotten Tomatoes (about 3 "
+                        "minutes the first time)..."):
+        folder = job.minilm_folder_and_data(job.minilm_rotten_tomatoes(log=console.print),
+                                            log=console.print)
+    args = ["prune", str(folder), "--out", str(out), "--overwrite", "--sparsity", str(sparsity),
+            "--budget", "params", "--budget-scope", "bert.encoder", "--criterion", criterion,
+            "--data", str(folder / "train.jsonl"), "--eval-data", str(folder / "test.jsonl"),
+            "--calib-samples", "512", "--eval-samples", "2000", "--batch-size", "32",
+            "--seq-len", "64"]
+    console.print("[bold]" + " ".join(["surgery", *args]))
+    typer.main.get_command(app).main(args=args, prog_name="surgery", standalone_mode=False)
+
+
+def _demo_resnet18(sparsity: float, criterion: str, out: Path) -> None:
+    """ResNet-18 trained on Fashion-MNIST, pruned by ``criterion`` and the baselines."""
     import torch
 
     import surgery
     from surgery import demo as job
     from surgery.datasets import fashion_mnist
 
+    calib_images, test_images = 512, 2000
     torch.manual_seed(0)
     with console.status("loading or training ResNet-18 on Fashion-MNIST..."):
         model = job.resnet18_fashion(log=console.print)
@@ -141,7 +167,8 @@ class Stages:
     """Rich progress bars, one per stage; ``stages(stage, i)`` marks item ``i`` of it done (the
     callback ``surgery.prune(progress=...)`` takes)."""
 
-    LABELS = {"calibrate": "calibrating (batches)", "score": "scoring groups top-down"}
+    LABELS = {"calibrate": "calibrating (batches)", "score": "scoring groups top-down",
+              "search": "trying per-kind cut rates (candidates)"}
 
     def __init__(self, progress: Progress, totals: dict[str, int | None] | None = None) -> None:
         self.progress, self.totals, self.tasks = progress, dict(totals or {}), {}
@@ -194,6 +221,17 @@ def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
         return tuple(float(v) for v in text.split(","))
     except ValueError as exc:
         raise ValueError(f"{what} {text!r} must be numbers separated by commas.") from exc
+
+
+def _kind_weights(text: str | None) -> dict[str, float] | str | None:
+    """``--kind-weights``: ``search``, or ``kind=weight`` pairs separated by commas."""
+    if not text or text == "search":
+        return text or None
+    try:
+        return {k.strip(): float(v) for k, v in (item.split("=") for item in text.split(","))}
+    except ValueError as exc:
+        raise ValueError(f"--kind-weights {text!r} must be 'search' or kind=weight pairs "
+                         "separated by commas, e.g. neuron=1,head=0.5,hidden=0.25.") from exc
 
 
 def _ints(text: str, what: str) -> list[int]:
@@ -380,6 +418,12 @@ def prune(
                                              "plugin's."),
     target: str = typer.Option("output", help="output (the dense model's own output) or labels."),
     allocation: str = typer.Option("uniform", help="uniform keep ratio, or global by score."),
+    budget_scope: Optional[str] = typer.Option(
+        None, help="Parameter-name prefixes (comma-separated) the params budget counts, e.g. "
+                   "bert.encoder (default: all parameters)."),
+    kind_weights: Optional[str] = typer.Option(
+        None, help="Per-kind cut rates, e.g. neuron=1,head=0.5,hidden=0.25, or 'search' to "
+                   "choose them on the calibration data (default: all kinds alike)."),
     estimator: str = typer.Option("gaussian", help="MI estimator (gaussian or a plugin's)."),
     round_to: int = typer.Option(1, help="Kept counts are multiples of this (e.g. 8)."),
     min_keep: int = typer.Option(1, help="Fewest atoms a group keeps."),
@@ -453,8 +497,10 @@ def prune(
         start = time.perf_counter()
         pruned, plan = surgery.prune(
             net, example, calib, sparsity, budget=budget, criterion=criterion, target=target,
-            allocation=allocation, estimator=estimator, round_to=round_to, min_keep=min_keep,
-            seed=seed, recalibrate=recalibrate, compensate=compensate, progress=bars)
+            budget_scope=tuple(budget_scope.split(",")) if budget_scope else (),
+            allocation=allocation, kind_weights=_kind_weights(kind_weights), estimator=estimator,
+            round_to=round_to, min_keep=min_keep, seed=seed, recalibrate=recalibrate,
+            compensate=compensate, progress=bars)
         seconds = time.perf_counter() - start
         after = measure(pruned, example, batches=evaluation, latency_inputs=timing,
                         latency_batch=latency_batch or None,
@@ -465,6 +511,8 @@ def prune(
         if loaded.recipe["source"] in ("timm", "torchvision") else "the model's own",
         "inputs": _describe_inputs(loaded.inputs), "sparsity": sparsity, "budget": budget,
         "criterion": criterion, "target": target, "allocation": allocation,
+        "budget scope": budget_scope or "all parameters",
+        "kind weights": plan.budget.get("kind_weights") or "all kinds alike",
         "estimator": estimator, "round_to": round_to, "min_keep": min_keep,
         "calibration data": data or "none", "calibration samples": calib.samples if calib else 0,
         "evaluation data": (eval_data or data) if evaluation else "none",

@@ -62,6 +62,14 @@ def surgery_group_kind(group: Any, model: torch.nn.Module) -> str | None:
     returning a kind wins."""
 
 
+@hookspec(firstresult=True)
+def surgery_kind_weights(model: torch.nn.Module, kinds: list[str]) -> dict[str, float] | None:
+    """Default per-kind cut rates for ``model`` whose prunable groups have ``kinds``, or None
+    (every kind at the same rate). See ``kind_weights`` in :func:`surgery.prune`: a kind with
+    weight ``w`` loses ``w`` times the share of atoms a weight-1 kind loses. The first plugin
+    returning weights wins; ``kind_weights=`` in the call overrides them."""
+
+
 @hookspec
 def surgery_fix_module(name: str, module: torch.nn.Module, model: torch.nn.Module) -> None:
     """Update ``module``'s attributes after its parameters were sliced (e.g. ``num_heads``).
