@@ -52,6 +52,7 @@ class Task:
     loss: Callable[[torch.nn.Module, Any], torch.Tensor]
     budget_scope: str = ""
     several_kinds: bool = False  # heads, neurons, hidden dims: compare per-kind rates
+    recovery_lr: float = 1e-4  # the fine-tune's own rate where the task has one
     output: Callable[[Any], torch.Tensor] = lambda out: out
 
 
@@ -100,7 +101,7 @@ def minilm_task() -> Task:
         scope=lambda m: sum(p.numel() for n, p in m.named_parameters() if n.startswith(scope)),
         ignored=lambda m: [m.classifier, m.bert.pooler],
         loss=lambda m, b: m(**b).loss, budget_scope=scope, output=lambda out: out.logits,
-        several_kinds=True,
+        several_kinds=True, recovery_lr=5e-5,
     )
 
 
@@ -212,7 +213,8 @@ def movement(task: Task, size: float, steps: int) -> torch.nn.Module:
             scores[m] += before[m] * (m.weight.detach() - before[m])
             before[m] = m.weight.detach().clone()
 
-    distill(model, task.model, task.train, steps, lr=1e-4, on_step=accumulate, progress=False)
+    distill(model, task.model, task.train, steps, lr=task.recovery_lr, on_step=accumulate,
+            progress=False)
     flat = torch.cat([scores[m].flatten() for m in layers])
     k = int(min(1.0, size * task.scope(model) / flat.numel()) * flat.numel())
     threshold = flat.kthvalue(max(1, k)).values
@@ -249,7 +251,7 @@ def main() -> None:
             seconds = time.perf_counter() - start
             acc = task.evaluate(pruned)
             lat = surgery.measure_latency(pruned, task.latency_input, repeats=5)
-            distill(pruned, task.model, task.train, args.recovery_steps, lr=1e-4)
+            distill(pruned, task.model, task.train, args.recovery_steps, lr=task.recovery_lr)
             rows.append({
                 "removed": f"{1 - task.scope(pruned) / dense_params:.0%}"
                 if "unstructured" not in name else f"{size:.0%} (masked)",
@@ -272,7 +274,8 @@ def main() -> None:
     body = (
         f"{task.title}; dense accuracy {dense_acc:.3f}, {dense_params:,} parameters in scope, "
         f"dense latency {dense_lat * 1e3:.1f} ms (batch 32). Recovery: {args.recovery_steps} "
-        "distillation steps (AdamW, lr 1e-4, KL on logits at T=2), the same for every method. "
+        f"distillation steps (AdamW, lr {task.recovery_lr:g}, KL on logits at T=2), the same for "
+        "every method. "
         f"Our methods: least-squares compensation and BatchNorm re-estimation on the "
         f"calibration batches, no labels.\nMachine: {machine()}.\n\n"
         + markdown_table(rows, ["removed", "method", "no retraining", "after recovery",

@@ -528,7 +528,8 @@ def prune(
     from surgery.report import summary_rows
 
     console.print(_summary_table(
-        f"{model}: {sparsity:.0%} of {budget} removed by {criterion} in {seconds:.1f} s",
+        f"{model}: {sparsity:.0%} of {budget}{f' in {budget_scope}' if budget_scope else ''} "
+        f"removed by {criterion} in {seconds:.1f} s",
         summary_rows(dense, after)))
     kinds: dict[str, list[int]] = {}
     for g in plan.groups:

@@ -327,6 +327,13 @@ def write_report(folder: str | Path, *, plan: Any, model: str, command: str,
              f"{len(plan.groups)} prunable coupled groups, "
              f"{sum(len(g.kept) for g in plan.groups)} of {sum(g.atoms for g in plan.groups)} "
              f"atoms kept ({plan.kept_fraction():.0%}).")
+    budget = plan.budget
+    if budget.get("scope") and budget.get("kind") == "params" and budget.get("dense_params"):
+        scope = ", ".join(f"`{p}`" for p in budget["scope"])
+        intro += (f" Budget: {budget['sparsity']:.0%} of the parameters in {scope}, "
+                  f"{_fmt_int(budget['dense_params'])} -> {_fmt_int(budget['estimated_params'])}"
+                  f" ({1 - budget['estimated_params'] / budget['dense_params']:.1%} removed; the "
+                  "table counts every parameter).")
     recal = plan.extra.get("recalibrated_batchnorms")
     if recal:
         intro += f" BatchNorm statistics re-estimated on the calibration data ({recal} layers)."

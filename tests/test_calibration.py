@@ -52,11 +52,35 @@ def test_linear_target_sums_equal_sampled_sums():
     assert torch.allclose(derived.covariance(), sampled.covariance(), rtol=1e-4, atol=1e-4)
 
 
-def test_calibrating_bert_derives_linear_targets_and_matches_sampling(monkeypatch):
-    model = make("bert").eval()
-    x = inputs("bert", model)
+class Pointwise(torch.nn.Module):
+    """1x1 convs at 16x16 (pooled to 4x4 by calibration) between a 3x3 conv and the head."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = torch.nn.Conv2d(3, 8, 3, padding=1)
+        self.pw1 = torch.nn.Conv2d(8, 12, 1)
+        self.pw2 = torch.nn.Conv2d(12, 6, 1, bias=False)
+        self.fc = torch.nn.Linear(6, 3)
+
+    def forward(self, x):
+        x = torch.relu(self.pw1(torch.relu(self.stem(x))))
+        return self.fc(torch.relu(self.pw2(x)).mean((2, 3)))
+
+
+def _case(name: str, seed: int):
+    if name == "cnn":
+        torch.manual_seed(0)
+        model = Pointwise().eval()
+        return model, torch.randn(4, 3, 16, 16, generator=torch.Generator().manual_seed(seed))
+    model = make(name).eval()
+    return model, inputs(name, model, seed=seed)
+
+
+@pytest.mark.parametrize("name", ["bert", "cnn"])
+def test_linear_and_pointwise_targets_are_derived_and_match_sampling(monkeypatch, name):
+    model, x = _case(name, 1)
     coupling = find_groups(trace(model, x))
-    batches = [inputs("bert", model, seed=s) for s in range(3)]
+    batches = [_case(name, s)[1] for s in range(3)]
     derived_calls = []
     real = MomentSums.with_linear_target
     monkeypatch.setattr(MomentSums, "with_linear_target",

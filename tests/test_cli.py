@@ -281,7 +281,9 @@ def test_eval_bench_export_refuse_other_folders(tmp_path: Path) -> None:
 
 def test_demo_is_still_the_main_command() -> None:
     res = invoke("demo", "--help")
-    assert res.exit_code == 0 and "Fashion-MNIST" in res.output
+    assert res.exit_code == 0 and "MiniLM" in res.output and "resnet18" in res.output
+    res = invoke("demo", "vgg")
+    assert res.exit_code != 0 and "minilm or resnet18" in res.output
 
 
 # ---- loaders --------------------------------------------------------------------------------
@@ -361,6 +363,11 @@ def test_text_csv_and_jsonl_batches(tmp_path: Path) -> None:
     assert rows == [{"text": "a movie", "label": 1}]
 
 
+def _kept(group: dict) -> int:
+    """Kept atoms of a plan.json group (ranges [a, b) or single indices)."""
+    return sum(k[1] - k[0] if isinstance(k, list) else 1 for k in group["kept"])
+
+
 def test_hugging_face_folder(tmp_path: Path, monkeypatch) -> None:
     """A local Hugging Face folder with its tokenizer: inspect and prune (magnitude) end to end;
     without the plugins, the error says so."""
@@ -386,6 +393,20 @@ def test_hugging_face_folder(tmp_path: Path, monkeypatch) -> None:
     metrics = json.loads((tmp_path / "out" / "metrics.json").read_text())
     assert metrics["pruned"]["samples"] == 8
     assert metrics["pruned"]["macs"] < metrics["dense"]["macs"]
+
+    res = invoke("prune", str(folder), "--seq-len", "8", "--data", str(tmp_path / "t.csv"),
+                 "--criterion", "magnitude", "--sparsity", "0.3", "--budget", "params",
+                 "--budget-scope", "bert.encoder", "--kind-weights", "neuron=1,head=0,hidden=0",
+                 "--latency-batch", "0", "--out", str(tmp_path / "scoped"))
+    assert res.exit_code == 0, res.output
+    plan = json.loads((tmp_path / "scoped" / "plan.json").read_text())
+    assert plan["budget"]["scope"] == ["bert.encoder"]
+    assert plan["budget"]["kind_weights"] == {"neuron": 1.0, "head": 0.0, "hidden": 0.0}
+    assert {g["kind"] for g in plan["groups"] if _kept(g) < g["atoms"]} == {"neuron"}
+    assert "of the parameters in `bert.encoder`" in (tmp_path / "scoped" / "report.md").read_text()
+    res = invoke("prune", str(folder), "--seq-len", "8", "--data", str(tmp_path / "t.csv"),
+                 "--kind-weights", "neuron:1", "--out", str(tmp_path / "bad"))
+    assert res.exit_code == 1 and "kind=weight pairs" in res.output
 
     monkeypatch.setattr(surgery.loading, "hf_plugins_available", lambda: False)
     res = invoke("inspect", str(folder))
