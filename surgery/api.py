@@ -18,6 +18,7 @@ from surgery.compensation import compensate as compensate_readers
 from surgery.counting import count_macs, count_params, node_macs
 from surgery.criteria import ScoreContext, get_criterion
 from surgery.errors import BudgetError, CalibrationError
+from surgery.estimators import SAMPLES
 from surgery.groups import ChannelGroup, Coupling, find_groups
 from surgery.plan import PruningPlan, build_plan
 from surgery.plugins import call_hook
@@ -144,10 +145,11 @@ def _decide(
                             kind_weights=weights)
     ctx = ScoreContext(coupling, seed=seed)
     if crit.needs_calibration or ((statistics or search) and calib_data is not None):
+        needs_samples = getattr(getattr(crit, "estimate", None), "needs_samples", False)
         ctx.calibration = calibrate(
             coupling, calib_data, target=target, max_batches=max_batches,
             progress=(lambda i: progress("calibrate", i)) if progress else None,
-            distributed=distributed,
+            distributed=distributed, samples=SAMPLES if needs_samples else 0, seed=seed,
         )
 
     def choose(w: dict[str, float] | None) -> tuple[dict, dict]:

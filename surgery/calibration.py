@@ -66,6 +66,31 @@ class MomentSums:
     n: int = 0
     total: torch.Tensor | None = None
     outer: torch.Tensor | None = None
+    reservoir: torch.Tensor | None = field(default=None, repr=False)
+    """Up to ``limit`` rows of z kept uniformly at random (reservoir sampling), for the
+    estimators that need samples, not moments (binned, k-NN); None when not asked for."""
+
+    def keep(self, z: torch.Tensor, limit: int, generator: torch.Generator) -> None:
+        """Reservoir sampling (algorithm R) of ``z``'s rows; call before :meth:`add`."""
+        z = z.float()
+        if self.reservoir is None:
+            self.reservoir = z.new_empty(0, z.shape[1])
+        room = max(0, limit - len(self.reservoir))
+        if room:
+            self.reservoir = torch.cat([self.reservoir, z[:room]])
+        rest = z[room:]
+        if len(rest):
+            index = self.n + room + torch.arange(len(rest))  # each row's rank among all rows
+            slot = (torch.rand(len(rest), generator=generator) * (index + 1)).long()
+            hit = slot < limit
+            self.reservoir[slot[hit].to(z.device)] = rest[hit.to(z.device)]
+
+    def rows(self) -> torch.Tensor:
+        """The kept samples of z = [x, t] (see ``reservoir``)."""
+        if self.reservoir is None:
+            raise ValueError("no samples were kept: calibrate with samples > 0 (estimators "
+                             "that need samples ask for them through surgery.prune).")
+        return self.reservoir
 
     def allocate(self, device: torch.device) -> None:
         """Zero sums for ``dx + dt`` columns (done for every relation before the first batch's
@@ -93,7 +118,7 @@ class MomentSums:
         the t blocks need no samples, which saves most of calibration's work on wide
         layers, and are derived when asked for, so they take no memory meanwhile."""
         return LinearTargetSums(self.dx, weight.shape[0], self.n, self.total, self.outer,
-                                weight.detach().clone(),
+                                self.reservoir, weight.detach().clone(),
                                 None if bias is None else bias.detach().clone())
 
     def covariance(self) -> torch.Tensor:
@@ -134,6 +159,11 @@ class LinearTargetSums(MomentSums):
         w, b = self._map()
         m = super().mean()
         return torch.cat([m, w @ m + b])
+
+    def rows(self) -> torch.Tensor:
+        x = super().rows()
+        w, b = self._map()
+        return torch.cat([x, (x.double() @ w.T + b).float()], 1)
 
 
 @dataclass
@@ -253,8 +283,13 @@ def calibrate(
     max_batches: int | None = None,
     progress: Callable[[int], None] | None = None,
     distributed: bool | None = None,
+    samples: int = 0,
+    seed: int = 0,
 ) -> Calibration:
     """Fold ``calib_data`` into moment sums for every relation of ``coupling``.
+
+    ``samples > 0`` also keeps that many rows per relation, drawn uniformly (seeded by
+    ``seed``), for estimators that work on samples; on one process only.
 
     Under ``torch.distributed`` (``distributed=None`` detects an initialised group), rank r
     folds in batches r, r + world, ... and the sums are all-reduced at the end, so every
@@ -286,6 +321,10 @@ def calibrate(
             else:
                 needed[tprobe.node, tprobe.axis] = None
 
+    if samples and distributed:
+        raise CalibrationError("sample-based MI estimators (binned, ksg) run on one process; "
+                               "use estimator='gaussian' for distributed calibration.")
+    generator = torch.Generator().manual_seed(seed)
     instrumented, store = _instrument(gm, needed, grid)
     device = next((p.device for p in gm.parameters()), torch.device("cpu"))
     modes = training_modes(gm)
@@ -345,6 +384,8 @@ def calibrate(
                     x, t = _align(x, t, mask)
                     z = x if i in linear else torch.cat([x, t.to(x.device)], dim=1)
                     sums = result.sums.setdefault(i, MomentSums(x.shape[1], z.shape[1] - x.shape[1]))
+                    if samples:
+                        sums.keep(z, samples, generator)
                     sums.add(z)
                     if not torch.isfinite(sums.total).all():  # any NaN/inf reaches the sum
                         raise CalibrationError(

@@ -37,7 +37,7 @@ def demo(
                                               "Tomatoes) or resnet18 (on Fashion-MNIST)."),
     sparsity: float = typer.Option(0.5, help="Share of the encoder's parameters (minilm) or "
                                              "of MACs (resnet18) to remove."),
-    criterion: str = typer.Option("mi", help="mi, mi_topk, magnitude or random."),
+    criterion: str = typer.Option("mi", help="mi, mi_topk, act_weight, magnitude or random."),
     out: Path = typer.Option(Path("surgery-demo"), help="Output folder (replaced)."),
 ) -> None:
     """Prune a real trained model on real data and print before/after.
@@ -85,7 +85,7 @@ def _demo_resnet18(sparsity: float, criterion: str, out: Path) -> None:
     with console.status("measuring the dense model..."):
         dense = job.measure(model, test_x, test_y, batch=32)
     results = {}
-    for crit in dict.fromkeys([criterion, "mi_topk", "magnitude", "random"]):
+    for crit in dict.fromkeys([criterion, "mi_topk", "act_weight", "magnitude", "random"]):
         start = time.perf_counter()
         with console.status(f"pruning {sparsity:.0%} of MACs by {crit}..."):
             pruned, plan = surgery.prune(model, test_x[:2], calib, sparsity=sparsity,
@@ -414,7 +414,7 @@ def prune(
                              help="Output folder (must not exist unless --overwrite)."),
     sparsity: float = typer.Option(0.5, help="Share of the budget to remove, in (0, 1)."),
     budget: str = typer.Option("macs", help="What sparsity counts: params or macs."),
-    criterion: str = typer.Option("mi", help="mi (joint MI), mi_topk, magnitude, random, or a "
+    criterion: str = typer.Option("mi", help="mi (joint MI), mi_topk, act_weight, magnitude, random, or a "
                                              "plugin's."),
     target: str = typer.Option("output", help="output (the dense model's own output) or labels."),
     allocation: str = typer.Option("uniform", help="uniform keep ratio, or global by score."),
@@ -465,7 +465,9 @@ def prune(
 
     command = command_line(ctx)
     _check_out(Path(out).absolute(), overwrite)
-    if data is None and criterion in ("mi", "mi_topk"):
+    from surgery.criteria import get_criterion
+
+    if data is None and get_criterion(criterion).needs_calibration:
         raise ValueError(f"criterion {criterion!r} needs calibration data: pass --data "
                          f"({DATA_HELP}), or use --criterion magnitude.")
     dev = _device(device, threads)

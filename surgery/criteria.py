@@ -114,6 +114,38 @@ class Magnitude(Criterion):
         return np.sqrt(total)
 
 
+class ActivationWeight(Criterion):
+    """Activation x weight: for each layer reading the group, the RMS of the atom's input
+    channels over the calibration data times the norm of the weights that read them, summed
+    over readers. What a channel contributes to the readers' outputs, ignoring correlations;
+    a strong cheap baseline. Groups with no reader seen with weights fall back to magnitude."""
+
+    name = "act_weight"
+    needs_calibration = True
+
+    def score(self, group: ChannelGroup, ctx: ScoreContext) -> np.ndarray:
+        from surgery.compensation import _reader
+
+        assert ctx.calibration is not None
+        cal, gm = ctx.calibration, ctx.coupling.capture.graph_module
+        total, seen = np.zeros(group.atoms), False
+        for i, rel in enumerate(ctx.coupling.relations):
+            if rel.group != group.id or i not in cal.sums or cal.x_features[i].average_atoms:
+                continue
+            _, module = _reader(gm, rel.layer)
+            if module is None:
+                continue
+            sums, feats = cal.sums[i], cal.x_features[i]
+            mean = sums.mean()[:sums.dx]
+            rms = (torch.diagonal(sums.covariance())[:sums.dx] + mean * mean).clamp_min(0).sqrt()
+            cols = torch.as_tensor(feats.positions, device=module.weight.device)
+            w = module.weight.detach().double().index_select(1, cols).movedim(1, 0)
+            norms = w.reshape(len(cols), -1).norm(dim=1).to(rms.device)
+            np.add.at(total, feats.position_atoms, (rms * norms).cpu().numpy())
+            seen = True
+        return total if seen else Magnitude().score(group, ctx)
+
+
 class Random(Criterion):
     """Uniform random scores, seeded per group: the baseline every criterion must beat."""
 
@@ -132,6 +164,7 @@ CRITERIA: dict[str, Callable[..., Criterion]] = {
     "mi": MutualInformation,
     "mi_topk": _mi_topk,
     "magnitude": Magnitude,
+    "act_weight": ActivationWeight,
     "random": Random,
 }
 
@@ -146,5 +179,6 @@ def get_criterion(name: str, **options: Any) -> Criterion:
     return factory(**options) if options else factory()
 
 
-__all__ = ["Criterion", "ScoreContext", "MutualInformation", "Magnitude", "Random",
+__all__ = ["Criterion", "ScoreContext", "MutualInformation", "Magnitude", "ActivationWeight",
+           "Random",
            "get_criterion", "torch"]
