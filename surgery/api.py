@@ -143,7 +143,7 @@ def _decide(
     # uniform_counts validates the weights before calibration spends any time
     counts = uniform_counts(cost, sparsity, budget, round_to=round_to, min_keep=min_keep,
                             kind_weights=weights)
-    ctx = ScoreContext(coupling, seed=seed)
+    ctx = ScoreContext(coupling, seed=seed, data=calib_data)
     if crit.needs_calibration or ((statistics or search) and calib_data is not None):
         needs_samples = getattr(getattr(crit, "estimate", None), "needs_samples", False)
         ctx.calibration = calibrate(

@@ -414,7 +414,8 @@ def prune(
                              help="Output folder (must not exist unless --overwrite)."),
     sparsity: float = typer.Option(0.5, help="Share of the budget to remove, in (0, 1)."),
     budget: str = typer.Option("macs", help="What sparsity counts: params or macs."),
-    criterion: str = typer.Option("mi", help="mi (joint MI), mi_topk, act_weight, magnitude, random, or a "
+    criterion: str = typer.Option("mi", help="mi (joint MI), mi_topk, act_weight, taylor, "
+                                             "magnitude, random, or a "
                                              "plugin's."),
     target: str = typer.Option("output", help="output (the dense model's own output) or labels."),
     allocation: str = typer.Option("uniform", help="uniform keep ratio, or global by score."),

@@ -24,6 +24,10 @@ class ScoreContext:
     calibration: Calibration | None = None
     kept: dict[int, np.ndarray] = field(default_factory=dict)
     seed: int = 0
+    data: Any = None
+    """The calibration batches themselves, for criteria that run the model (Taylor)."""
+    cache: dict[str, Any] = field(default_factory=dict)
+    """What a criterion computes once for all groups (Taylor's weight x gradient sums)."""
 
 
 class Criterion:
@@ -146,6 +150,72 @@ class ActivationWeight(Criterion):
         return total if seen else Magnitude().score(group, ctx)
 
 
+class Taylor(Criterion):
+    """First-order Taylor (Molchanov et al. 2019; Torch-Pruning's group Taylor): the loss
+    change from zeroing an atom's weights, sum |w * dL/dw| over every weight it owns, with
+    dL/dw summed over up to ``batches`` calibration batches. The loss is the cross-entropy
+    of the model's logits against the batches' labels, or against the dense model's own
+    predictions when the batches have none. Needs a backward pass; the model's ``.grad``
+    fields are not touched."""
+
+    name = "taylor"
+    needs_calibration = True
+
+    def __init__(self, batches: int = 8) -> None:
+        self.batches = batches
+
+    def _products(self, ctx: ScoreContext) -> dict[str, torch.Tensor]:
+        import itertools
+
+        import torch.nn.functional as F
+
+        from surgery.calibration import split_batch
+        from surgery.errors import CalibrationError
+        from surgery.inputs import as_args, first_tensor, to_device
+        from surgery.modes import restore_modes, training_modes
+
+        model = ctx.coupling.capture.model
+        params = {n: p for n, p in model.named_parameters() if p.requires_grad}
+        grads = {n: torch.zeros_like(p) for n, p in params.items()}
+        device = next(iter(params.values())).device
+        modes = training_modes(model)
+        model.eval()
+        try:
+            with torch.enable_grad():
+                for batch in itertools.islice(iter(ctx.data), self.batches):
+                    inputs, labels = split_batch(batch)
+                    args, kwargs = as_args(to_device(inputs, device))
+                    logits = first_tensor(model(*args, **kwargs))
+                    if logits is None or logits.ndim != 2:
+                        raise CalibrationError(
+                            "criterion 'taylor' needs a model returning class logits (batch, "
+                            f"classes); got {None if logits is None else tuple(logits.shape)}.")
+                    target = (labels.to(device) if labels is not None
+                              else logits.detach().argmax(-1))
+                    loss = F.cross_entropy(logits, target)
+                    names = list(params)
+                    for n, g in zip(names, torch.autograd.grad(
+                            loss, [params[n] for n in names], allow_unused=True)):
+                        if g is not None:
+                            grads[n] += g
+        finally:
+            restore_modes(modes)
+        return {n: (params[n].detach() * grads[n]).abs() for n in params}
+
+    def score(self, group: ChannelGroup, ctx: ScoreContext) -> np.ndarray:
+        if "taylor" not in ctx.cache:
+            ctx.cache["taylor"] = self._products(ctx)
+        products = ctx.cache["taylor"]
+        total = np.zeros(group.atoms)
+        for (param, dim), per_atom in group.slices.items():
+            if param not in products:
+                continue  # buffers (running statistics) have no gradient
+            t = products[param].double().movedim(dim, 0)
+            per_pos = t.reshape(t.shape[0], -1).sum(1).cpu().numpy()
+            total += np.array([per_pos[p].sum() for p in per_atom])
+        return total
+
+
 class Random(Criterion):
     """Uniform random scores, seeded per group: the baseline every criterion must beat."""
 
@@ -165,6 +235,7 @@ CRITERIA: dict[str, Callable[..., Criterion]] = {
     "mi_topk": _mi_topk,
     "magnitude": Magnitude,
     "act_weight": ActivationWeight,
+    "taylor": Taylor,
     "random": Random,
 }
 
@@ -180,5 +251,5 @@ def get_criterion(name: str, **options: Any) -> Criterion:
 
 
 __all__ = ["Criterion", "ScoreContext", "MutualInformation", "Magnitude", "ActivationWeight",
-           "Random",
+           "Taylor", "Random",
            "get_criterion", "torch"]

@@ -47,3 +47,27 @@ def test_activation_x_weight_sees_what_the_reader_uses():
 def test_activation_x_weight_needs_calibration_data():
     with pytest.raises(surgery.errors.CalibrationError, match="needs calibration data"):
         surgery.prune(Planted(), torch.rand(2, 3), sparsity=0.5, criterion="act_weight")
+
+
+def test_taylor_scores_an_unread_channel_zero_and_leaves_grads_alone():
+    torch.manual_seed(0)
+    model = Planted().eval()
+    with torch.no_grad():
+        model.fc1.weight[3] = 20.0  # the largest row of all ...
+        model.fc2.weight[:, 3] = 0.0  # ... read by nothing: removing it changes no loss
+    calib = [(torch.rand(64, 3), torch.randint(0, 2, (64,))) for _ in range(3)]
+    _, plan = surgery.prune(model, calib[0][0], calib, sparsity=0.5, budget="params",
+                            criterion="taylor", compensate=False)
+    scores = plan.groups[0].scores
+    assert scores[3] == 0.0 and min(scores[:3]) > 0
+    assert all(p.grad is None for p in model.parameters())
+    _, plan = surgery.prune(model, calib[0][0], calib, sparsity=0.5, budget="params",
+                            criterion="magnitude", compensate=False)
+    assert max(range(4), key=lambda a: plan.groups[0].scores[a]) == 3
+
+
+def test_taylor_without_labels_uses_the_model_predictions():
+    model = Planted().eval()
+    calib = [torch.rand(32, 3) for _ in range(2)]
+    _, plan = surgery.prune(model, calib[0], calib, sparsity=0.5, criterion="taylor")
+    assert sum(plan.groups[0].scores) > 0
