@@ -186,6 +186,8 @@ METHODS: dict[str, Callable[[Task, float], torch.nn.Module]] = {
     "ours: mi (joint)": ours("mi"),
     "ours: mi (joint), kinds alike": ours("mi", kind_weights="uniform"),
     "ours: mi_topk": ours("mi_topk"),
+    "ours: act_weight": ours("act_weight"),
+    "ours: taylor": ours("taylor"),
     "ours: magnitude": ours("magnitude"),
     "Torch-Pruning: group L2 magnitude": torch_pruning("magnitude"),
     "Torch-Pruning: group Taylor": torch_pruning("taylor"),
@@ -282,7 +284,8 @@ def main() -> None:
                                 "latency vs dense", "pruning s"])
         + f"\n\n![accuracy vs size]({plot.name})\n\nReproduce: `python benchmarks/"
         f"mi_vs_baselines.py --model {args.model} --sizes {args.sizes} --recovery-steps "
-        f"{args.recovery_steps}`.\n"
+        f"{args.recovery_steps}" + (f" --methods '{args.methods}'" if args.methods else "")
+        + "`.\n"
     )
     write_result(f"mi_vs_baselines_{task.name}", f"MI vs baselines: {task.title}", body)
 
