@@ -10,11 +10,13 @@ a table and an accuracy-vs-size plot in docs/benchmarks/.
 
 Models (see ../shared/assets.md for the data):
 - ``cnn``: a ResNet-18 trained on Fashion-MNIST (the demo's, cached);
+- ``vit``: a small timm ViT trained on Fashion-MNIST (cached; Torch-Pruning gets its heads
+  declared as in its timm example);
 - ``minilm``: all-MiniLM-L6-v2 fine-tuned on Rotten Tomatoes (the demo's, cached); sizes are
   shares of the encoder's parameters; Torch-Pruning cuts channels, heads' dims and the
   hidden size (heads declared as in its BERT example).
 
-Usage: ``python benchmarks/mi_vs_baselines.py --model cnn|minilm [--sizes 0.3,0.5,0.75]
+Usage: ``python benchmarks/mi_vs_baselines.py --model cnn|vit|minilm [--sizes 0.3,0.5,0.75]
 [--recovery-steps 100]``.
 """
 
@@ -58,6 +60,23 @@ class Task:
 
 def cnn_task() -> Task:
     from surgery import demo as job
+
+    return _fashion_task("cnn", "ResNet-18 trained on Fashion-MNIST (32x32)",
+                         job.resnet18_fashion, lambda m: [m.fc])
+
+
+def vit_task() -> Task:
+    from surgery import demo as job
+
+    task = _fashion_task("vit", "timm ViT (width 192, 6 blocks, 4x4 patches) trained on "
+                         "Fashion-MNIST (32x32)", job.vit_fashion, lambda m: [m.head])
+    task.several_kinds = True
+    return task
+
+
+def _fashion_task(name: str, title: str, make: Callable[[], torch.nn.Module],
+                  ignored: Callable[[torch.nn.Module], list]) -> Task:
+    from surgery import demo as job
     from surgery.datasets import AssetMissing, fashion_mnist
 
     try:
@@ -65,17 +84,17 @@ def cnn_task() -> Task:
         vx, vy = fashion_mnist("test")
     except AssetMissing as exc:
         sys.exit(str(exc))
-    model = job.resnet18_fashion()
+    model = make()
     cx, cy = job.prepare(tx[-512:]), ty[-512:]
     rx, ry = job.prepare(tx[-4096:-512]), ty[-4096:-512]
     vx, vy = job.prepare(vx[:2000]), vy[:2000]
     return Task(
-        name="cnn", title="ResNet-18 trained on Fashion-MNIST (32x32)", model=model,
+        name=name, title=title, model=model,
         example=vx[:2], calib=[(cx[i:i + 64], cy[i:i + 64]) for i in range(0, 512, 64)],
         train=[(rx[i:i + 64], ry[i:i + 64]) for i in range(0, len(rx), 64)],
         evaluate=lambda m: job.accuracy(m, vx, vy), latency_input=vx[:32],
         scope=lambda m: sum(p.numel() for p in m.parameters()),
-        ignored=lambda m: [m.fc],
+        ignored=ignored,
         loss=lambda m, b: F.cross_entropy(m(b[0]), b[1]),
     )
 
@@ -105,7 +124,7 @@ def minilm_task() -> Task:
     )
 
 
-TASKS = {"cnn": cnn_task, "minilm": minilm_task}
+TASKS = {"cnn": cnn_task, "vit": vit_task, "minilm": minilm_task}
 
 
 # ---- methods ------------------------------------------------------------------------------

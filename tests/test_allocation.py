@@ -69,10 +69,14 @@ def test_kind_weights_sparing_kinds_cap_the_budget(bert):
         uniform_counts(cost, 0.95, "params", kind_weights={"neuron": 1, "head": 0, "hidden": 0})
 
 
-def test_unknown_kind_weights_string_is_refused(bert):
+@pytest.mark.parametrize("weights, error, message", [
+    ("fast", BudgetError, "'search', 'uniform'"),
+    ("search", CalibrationError, "kind_weights='search'.*calib_data"),  # no calib_data
+])
+def test_bad_kind_weights_strings_are_refused(bert, weights, error, message):
     model, x, _, _ = bert
-    with pytest.raises(BudgetError, match="'search', 'uniform'"):
-        surgery.prune(model, x, sparsity=0.3, criterion="magnitude", kind_weights="fast")
+    with pytest.raises(error, match=message):
+        surgery.prune(model, x, sparsity=0.3, criterion="magnitude", kind_weights=weights)
 
 
 def test_transformers_default_to_the_plugin_weights_and_uniform_overrides(bert):
@@ -101,12 +105,6 @@ def test_search_keeps_the_candidate_whose_output_moves_least(bert):
     assert np.isfinite(best_gap) and best_gap <= tried[0][1]
     assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
     assert pruned(**x).logits.shape == model(**x).logits.shape
-
-
-def test_search_needs_calibration_data(bert):
-    model, x, _, _ = bert
-    with pytest.raises(CalibrationError, match="kind_weights='search'.*calib_data"):
-        surgery.prune(model, x, sparsity=0.3, criterion="magnitude", kind_weights="search")
 
 
 def test_prune_with_own_kind_weights_records_them(bert):
