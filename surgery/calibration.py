@@ -309,13 +309,14 @@ def calibrate(
     result = Calibration(coupling)
     needed: dict[tuple[str, int], None] = {}
     linear: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
+    nodes = {n.name: n for n in gm.graph.nodes}
     for i, rel in enumerate(relations):
         needed[rel.probe.node, rel.probe.axis] = None
         result.x_features[i] = _features(rel.probe)
         if rel.target != OUTPUT:
             tprobe = rel.target_probe or coupling.probes[rel.target]
             result.t_features[i] = _features(tprobe)
-            lin = _linear_target(gm, rel, result.x_features[i], result.t_features[i])
+            lin = _linear_target(gm, nodes, rel, result.x_features[i], result.t_features[i])
             if lin is not None:  # the target's sums follow from the input's at the end
                 linear[i] = lin
             else:
@@ -325,6 +326,7 @@ def calibrate(
         raise CalibrationError("sample-based MI estimators (binned, ksg) run on one process; "
                                "use estimator='gaussian' for distributed calibration.")
     generator = torch.Generator().manual_seed(seed)
+    reads_output = any(rel.target == OUTPUT for rel in relations)
     instrumented, store = _instrument(gm, needed, grid)
     device = next((p.device for p in gm.parameters()), torch.device("cpu"))
     modes = training_modes(gm)
@@ -350,13 +352,11 @@ def calibrate(
                         f"{expected_inputs(coupling.capture)} (only the batch size N may "
                         "differ)."
                     ) from exc
-                top = None
+                top = (top_signal(output, None if labels is None else labels.to(device), target)
+                       if reads_output else None)
                 mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
                 columns: dict[tuple, torch.Tensor] = {}  # probes read by several relations
                 if not result.sums:
-                    if any(r.target == OUTPUT for r in relations):
-                        top = top_signal(output, None if labels is None else labels.to(device),
-                                         target)
                     for i, rel in enumerate(relations):
                         dt = (0 if i in linear else top.shape[-1] if rel.target == OUTPUT
                               else len(result.t_features[i].atom_of_column))
@@ -374,16 +374,13 @@ def calibrate(
                     if i in linear:  # x alone, rows as the reader's output would align
                         t, tnode = x, rel.layer
                     elif rel.target == OUTPUT:
-                        if top is None:
-                            top = top_signal(output, None if labels is None else labels.to(device), target)
-                        t = top
-                        tnode = "the model's output"
+                        t, tnode = top, "the model's output"
                     else:
                         tprobe = rel.target_probe or coupling.probes[rel.target]
                         t, tnode = read(tprobe, result.t_features[i]), tprobe.node
                     x, t = _align(x, t, mask)
                     z = x if i in linear else torch.cat([x, t.to(x.device)], dim=1)
-                    sums = result.sums.setdefault(i, MomentSums(x.shape[1], z.shape[1] - x.shape[1]))
+                    sums = result.sums[i]
                     if samples:
                         sums.keep(z, samples, generator)
                     sums.add(z)
@@ -432,15 +429,14 @@ def release_heap() -> None:
         trim(0)
 
 
-def _linear_target(gm: fx.GraphModule, rel: Any, xf: Features, tf: Features
-                   ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+def _linear_target(gm: fx.GraphModule, nodes: dict[str, fx.Node], rel: Any, xf: Features,
+                   tf: Features) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """(weight rows, bias) when the relation's target is exactly a linear function of its
     probed input: an ``nn.Linear`` or 1x1 convolution (stride 1, no padding: its output keeps
     the input's positions, so pooling both alike commutes with it) that the probe sees whole
     (every input feature) and whose own output is the target probe; else None."""
     if rel.target_probe is None or rel.target_probe.node != rel.layer:
         return None
-    nodes = {n.name: n for n in gm.graph.nodes}
     node = nodes.get(rel.layer)
     if node is None or node.op != "call_module" or not node.args:
         return None

@@ -26,7 +26,7 @@ from surgery.calibration import Calibration
 from surgery.groups import Coupling
 
 
-def _reader(gm: fx.GraphModule, op: str) -> tuple[str | None, torch.nn.Module | None]:
+def weighted_reader(gm: fx.GraphModule, op: str) -> tuple[str | None, torch.nn.Module | None]:
     """The conv/linear module behind relation reader ``op`` (None for functional readers)."""
     node = next(n for n in gm.graph.nodes if n.name == op)
     if node.op != "call_module":
@@ -54,7 +54,7 @@ def compensate(model: torch.nn.Module, coupling: Coupling, calibration: Calibrat
         feats = calibration.x_features[i]
         if feats.average_atoms:
             continue
-        name, _ = _reader(gm, rel.layer)
+        name, _ = weighted_reader(gm, rel.layer)
         if name is None:
             continue
         module = model.get_submodule(name)

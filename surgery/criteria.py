@@ -100,6 +100,19 @@ class MutualInformation(Criterion):
         return greedy_gaussian([(s, t) for s, _, t in relations], k)
 
 
+def _atom_sums(group: ChannelGroup, tensors: dict[str, torch.Tensor]) -> np.ndarray:
+    """Per atom, the sum of the entries of ``tensors[param]`` at the atom's positions, over
+    every parameter dimension of the group that ``tensors`` has a tensor for."""
+    total = np.zeros(group.atoms)
+    for (param, dim), per_atom in group.slices.items():
+        if param not in tensors:
+            continue
+        t = tensors[param].double().movedim(dim, 0)
+        per_pos = t.reshape(t.shape[0], -1).sum(1).cpu().numpy()
+        total += np.array([per_pos[p].sum() for p in per_atom])
+    return total
+
+
 class Magnitude(Criterion):
     """L2 norm of every weight the atom owns, summed over the group's parameters
     (Torch-Pruning's group magnitude)."""
@@ -108,14 +121,9 @@ class Magnitude(Criterion):
 
     def score(self, group: ChannelGroup, ctx: ScoreContext) -> np.ndarray:
         state = ctx.coupling.capture.model.state_dict()
-        total = np.zeros(group.atoms)
-        for (param, dim), per_atom in group.slices.items():
-            if not param.endswith(("weight", "bias")):
-                continue  # running statistics are not weights
-            tensor = state[param].detach().double().movedim(dim, 0)
-            sq = tensor.reshape(tensor.shape[0], -1).pow(2).sum(1).cpu().numpy()
-            total += np.array([sq[p].sum() for p in per_atom])
-        return np.sqrt(total)
+        squares = {p: state[p].detach().double().pow(2) for p in group.params
+                   if p.endswith(("weight", "bias"))}  # running statistics are not weights
+        return np.sqrt(_atom_sums(group, squares))
 
 
 class ActivationWeight(Criterion):
@@ -128,7 +136,7 @@ class ActivationWeight(Criterion):
     needs_calibration = True
 
     def score(self, group: ChannelGroup, ctx: ScoreContext) -> np.ndarray:
-        from surgery.compensation import _reader
+        from surgery.compensation import weighted_reader
 
         assert ctx.calibration is not None
         cal, gm = ctx.calibration, ctx.coupling.capture.graph_module
@@ -136,7 +144,7 @@ class ActivationWeight(Criterion):
         for i, rel in enumerate(ctx.coupling.relations):
             if rel.group != group.id or i not in cal.sums or cal.x_features[i].average_atoms:
                 continue
-            _, module = _reader(gm, rel.layer)
+            _, module = weighted_reader(gm, rel.layer)
             if module is None:
                 continue
             sums, feats = cal.sums[i], cal.x_features[i]
@@ -205,15 +213,7 @@ class Taylor(Criterion):
     def score(self, group: ChannelGroup, ctx: ScoreContext) -> np.ndarray:
         if "taylor" not in ctx.cache:
             ctx.cache["taylor"] = self._products(ctx)
-        products = ctx.cache["taylor"]
-        total = np.zeros(group.atoms)
-        for (param, dim), per_atom in group.slices.items():
-            if param not in products:
-                continue  # buffers (running statistics) have no gradient
-            t = products[param].double().movedim(dim, 0)
-            per_pos = t.reshape(t.shape[0], -1).sum(1).cpu().numpy()
-            total += np.array([per_pos[p].sum() for p in per_atom])
-        return total
+        return _atom_sums(group, ctx.cache["taylor"])  # buffers have no gradient: not in it
 
 
 class Random(Criterion):
