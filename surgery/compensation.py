@@ -62,7 +62,7 @@ def compensate(model: torch.nn.Module, coupling: Coupling, calibration: Calibrat
         if keep_mask.all() or not keep_mask.any():
             continue
         sums = calibration.sums[i]
-        cov = sums.covariance()[:sums.dx, :sums.dx]
+        cov, _, _ = sums.blocks()
         mean = sums.mean()[:sums.dx]
         k_cols = torch.as_tensor(np.nonzero(keep_mask)[0], device=cov.device)
         r_cols = torch.as_tensor(np.nonzero(~keep_mask)[0], device=cov.device)

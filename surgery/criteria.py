@@ -47,6 +47,11 @@ class Criterion:
                              f"{group.name!r} with {group.atoms} atoms.")
         return np.sort(np.argsort(-s, kind="stable")[:k]), s
 
+    def select_many(self, groups: list[ChannelGroup], ctx: ScoreContext, ks: list[int]
+                    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """:meth:`select` for groups none of which is another's target (same context)."""
+        return [self.select(g, ctx, k) for g, k in zip(groups, ks)]
+
 
 class MutualInformation(Criterion):
     """Top-down MI (Fan et al. 2021): an atom's score is the sum, over the layers reading it,
@@ -88,16 +93,29 @@ class MutualInformation(Criterion):
         (Gaussian: relevance minus redundancy), when every atom is one column everywhere;
         independent top-k otherwise. A group no layer with weights is seen reading (its
         reader sits inside a leaf module) has no statistics: it falls back to magnitude."""
-        relations = list(self._relations(group, ctx))
-        if not relations:
-            return Magnitude().select(group, ctx, k)
-        single = all(len(a) == group.atoms and np.array_equal(a, np.arange(group.atoms))
-                     for _, a, _ in relations)
-        if not (self.joint and self.estimator == "gaussian" and single and relations):
-            return super().select(group, ctx, k)
-        from surgery.selection import greedy_gaussian
+        return self.select_many([group], ctx, [k])[0]
 
-        return greedy_gaussian([(s, t) for s, _, t in relations], k)
+    def select_many(self, groups: list[ChannelGroup], ctx: ScoreContext, ks: list[int]
+                    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The joint selections of all ``groups`` are solved side by side (one pass of small
+        steps for all of them); see :meth:`select`."""
+        from surgery.selection import greedy_gaussian_many
+
+        out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        joint = []
+        for i, (group, k) in enumerate(zip(groups, ks)):
+            relations = list(self._relations(group, ctx))
+            single = all(len(a) == group.atoms and np.array_equal(a, np.arange(group.atoms))
+                         for _, a, _ in relations)
+            if not relations:
+                out[i] = Magnitude().select(group, ctx, k)
+            elif self.joint and self.estimator == "gaussian" and single:
+                joint.append((i, [(s, t) for s, _, t in relations], k))
+            else:
+                out[i] = super().select(group, ctx, k)
+        solved = greedy_gaussian_many([(rels, k) for _, rels, k in joint])
+        out.update({i: result for (i, _, _), result in zip(joint, solved)})
+        return [out[i] for i in range(len(groups))]
 
 
 def _atom_sums(group: ChannelGroup, tensors: dict[str, torch.Tensor]) -> np.ndarray:
@@ -149,7 +167,7 @@ class ActivationWeight(Criterion):
                 continue
             sums, feats = cal.sums[i], cal.x_features[i]
             mean = sums.mean()[:sums.dx]
-            rms = (torch.diagonal(sums.covariance())[:sums.dx] + mean * mean).clamp_min(0).sqrt()
+            rms = (torch.diagonal(sums.blocks()[0]) + mean * mean).clamp_min(0).sqrt()
             cols = torch.as_tensor(feats.positions, device=module.weight.device)
             w = module.weight.detach().double().index_select(1, cols).movedim(1, 0)
             norms = w.reshape(len(cols), -1).norm(dim=1).to(rms.device)

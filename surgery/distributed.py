@@ -50,6 +50,8 @@ def all_reduce_sums(sums: dict, batches: int, samples: int) -> tuple[int, int]:
     ``sums`` maps relation index -> :class:`surgery.calibration.MomentSums`; every rank must
     hold the same keys with the same shapes (true when every rank saw at least one batch)."""
     keys = sorted(sums)
+    for k in keys:
+        sums[k].settle()
     counts = torch.tensor([float(batches), float(samples)] + [float(sums[k].n) for k in keys],
                           dtype=torch.float64)
     shapes = [(k, sums[k].total.numel(), sums[k].outer.numel()) for k in keys]

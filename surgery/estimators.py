@@ -45,15 +45,11 @@ class Estimator(Protocol):
 def gaussian(sums: MomentSums, x_atoms: np.ndarray, t_columns: np.ndarray, n_atoms: int,
              *, ridge: float = 1e-3) -> np.ndarray:
     """Gaussian MI of each atom (its x columns jointly) with the selected t columns."""
-    cov = sums.covariance()
-    dx = sums.dx
     out = np.zeros(n_atoms)
     if len(t_columns) == 0:
         return out
-    t_idx = torch.as_tensor(dx + np.asarray(t_columns), device=cov.device)
-    s_tt = cov.index_select(0, t_idx).index_select(1, t_idx)
-    s_xt = cov[:dx].index_select(1, t_idx)
-    var_x = torch.diagonal(cov)[:dx]
+    cov, s_xt, s_tt = sums.blocks(t_columns)  # cov: Cov(x)
+    var_x = torch.diagonal(cov)
     scale_t = torch.diagonal(s_tt).mean().clamp_min(1e-12)
     s_tt = s_tt + ridge * scale_t * torch.eye(len(t_columns), dtype=cov.dtype, device=cov.device)
     chol = torch.linalg.cholesky(s_tt)

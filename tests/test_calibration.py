@@ -1,6 +1,7 @@
 """Calibration statistics: the shortcuts taken for speed give the sums plain sampling gives.
 
-Two shortcuts: each batch's outer product is taken in float32 after centring, and the sums of
+Two shortcuts: each batch's outer product is taken in float32 after centring (upper blocks
+only on wide layers), and the sums of
 a target that is exactly a linear layer's output are derived from its input's sums instead
 of being sampled. Both must agree with float64 sums of the sampled activations.
 """
@@ -36,6 +37,20 @@ def test_batched_float32_sums_match_float64_with_large_means():
     assert sums.n == 1200
     assert torch.allclose(sums.mean(), mean, rtol=0, atol=1e-9)
     assert torch.allclose(sums.covariance(), cov, rtol=1e-4, atol=1e-6)
+
+
+def test_wide_sums_with_drifting_batch_means_match_float64():
+    """Wide enough for the upper-block products, more batches than are folded at once, and
+    batch means that drift."""
+    torch.manual_seed(0)
+    mix = torch.randn(450, 450) / 20
+    batches = [(torch.randn(20, 450) @ mix + 50.0 + 0.02 * b).double() for b in range(70)]
+    sums = MomentSums(440, 10)
+    for b in batches:
+        sums.add(b)
+    mean, cov = _exact(torch.cat(batches))
+    assert torch.allclose(sums.covariance(), cov, rtol=1e-5, atol=1e-6)
+    assert torch.allclose(sums.mean(), mean, rtol=0, atol=1e-9)
 
 
 def test_linear_target_sums_equal_sampled_sums():
