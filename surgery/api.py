@@ -269,8 +269,9 @@ def prune(
     - ``target``: what the top layer's channels must explain: ``output`` (the dense model's
       own output; no labels needed) or ``labels``.
     - ``allocation``: ``uniform`` keep ratio per group, or ``global`` by normalised score.
-    - ``round_to``: kept counts are multiples of this (e.g. 8 for hardware); ``min_keep``: the
-      fewest atoms a group keeps.
+    - ``round_to``: kept channels per group are multiples of this (e.g. 16 for hardware; a
+      head of 32 channels needs no rounding, a neuron does); ``min_keep``: the fewest atoms
+      a group keeps.
     - ``distributed``: under ``torch.distributed`` (auto-detected when None), each rank
       folds in its share of ``calib_data`` and the statistics are all-reduced; every rank
       returns the same plan (see :mod:`surgery.distributed`).

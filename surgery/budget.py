@@ -10,12 +10,13 @@ scores (groups compete for the budget).
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import numpy as np
 
 from surgery.errors import BudgetError
-from surgery.groups import Coupling
+from surgery.groups import ChannelGroup, Coupling
 
 KINDS = ("params", "macs")
 
@@ -83,8 +84,15 @@ class CostModel:
         return keep
 
 
-def _rounded(x: float, atoms: int, round_to: int, min_keep: int) -> int:
-    k = int(round(x / round_to)) * round_to if round_to > 1 else int(round(x))
+def atom_step(group: ChannelGroup, round_to: int) -> int:
+    """Atoms per rounding step so that the kept *channels* are multiples of ``round_to``: an
+    attention head of 32 channels is already a multiple of 8 or 16, a neuron is not."""
+    width = max((len(per_atom[0]) for per_atom in group.slices.values() if per_atom), default=1)
+    return max(1, round_to // math.gcd(round_to, max(1, width)))
+
+
+def _rounded(x: float, atoms: int, step: int, min_keep: int) -> int:
+    k = int(round(x / step)) * step if step > 1 else int(round(x))
     return int(min(atoms, max(min(min_keep, atoms), k)))
 
 
@@ -125,7 +133,7 @@ def uniform_counts(cost: CostModel, sparsity: float, kind: str, *, round_to: int
 
     def counts(t: float) -> dict[int, int]:
         return {g.id: _rounded((1.0 - min(1.0, weights[g.id] * t)) * g.atoms, g.atoms,
-                               round_to, min_keep) for g in groups}
+                               atom_step(g, round_to), min_keep) for g in groups}
 
     def removed(c: dict[int, int]) -> float:
         return cost.removed(cost.mask(_first_k(cost.coupling, c)), kind)
@@ -163,7 +171,8 @@ def _refine(counts: dict[int, int], removed, sparsity: float, groups, round_to: 
     for _ in range(steps):
         best, best_err = None, err
         for g in by_size:
-            for step in (-round_to, round_to):
+            unit = atom_step(g, round_to)
+            for step in (-unit, unit):
                 k = counts[g.id] + step
                 if not max(1, min(min_keep, g.atoms)) <= k <= g.atoms:
                     continue
@@ -190,7 +199,8 @@ def global_kept(cost: CostModel, scores: dict[int, np.ndarray], sparsity: float,
     def kept(tau: float) -> dict[int, np.ndarray]:
         out = {}
         for g in groups:
-            k = _rounded(float((norm[g.id] >= tau).sum()), g.atoms, round_to, min_keep)
+            k = _rounded(float((norm[g.id] >= tau).sum()), g.atoms, atom_step(g, round_to),
+                         min_keep)
             out[g.id] = np.sort(order[g.id][:k])
         return out
 

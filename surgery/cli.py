@@ -426,7 +426,7 @@ def prune(
         None, help="Per-kind cut rates, e.g. neuron=1,head=0.5,hidden=0.25, or 'search' to "
                    "choose them on the calibration data (default: all kinds alike)."),
     estimator: str = typer.Option("gaussian", help="MI estimator (gaussian or a plugin's)."),
-    round_to: int = typer.Option(1, help="Kept counts are multiples of this (e.g. 8)."),
+    round_to: int = typer.Option(1, help="Kept channels per group are multiples of this (e.g. 16)."),
     min_keep: int = typer.Option(1, help="Fewest atoms a group keeps."),
     data: Optional[str] = typer.Option(None, help="Calibration data: " + DATA_HELP),
     eval_data: Optional[str] = typer.Option(

@@ -38,7 +38,7 @@ MEMORY = 256 * 2**20
 """Bytes of trailing matrices that :func:`greedy_gaussian_many` works on at once."""
 
 
-def greedy_gaussian(relations: Relations, k: int, ridge: float = 1e-3, block: int = 64
+def greedy_gaussian(relations: Relations, k: int, ridge: float = 1e-3, block: int = 128
                     ) -> tuple[np.ndarray, np.ndarray]:
     """Pick ``k`` atoms maximising the summed joint Gaussian MI with each relation's targets.
 
@@ -48,7 +48,7 @@ def greedy_gaussian(relations: Relations, k: int, ridge: float = 1e-3, block: in
 
 
 def greedy_gaussian_many(problems: list[tuple[Relations, int]], ridge: float = 1e-3,
-                         block: int = 64) -> list[tuple[np.ndarray, np.ndarray]]:
+                         block: int = 128) -> list[tuple[np.ndarray, np.ndarray]]:
     """:func:`greedy_gaussian` for independent groups (no group's target among the others),
     solved side by side, as many at a time as fit in ``MEMORY``: each pick is a dozen small
     operations, so the six FFN layers of a MiniLM take the time of about one."""
@@ -103,9 +103,9 @@ def _greedy_batch(problems: list[tuple[list[torch.Tensor], int]], block: int
     floor = 1e-12
 
     def gains() -> torch.Tensor:
-        logd = torch.log(diag.clamp_min(floor))
-        gain = 0.5 * (logd[:, 0::2].sum(1) - logd[:, 1::2].sum(1))
-        return gain.masked_fill(~real, -1e300).masked_fill(~free, -torch.inf)
+        d = diag.clamp_min(floor)
+        gain = 0.5 * torch.log(d[:, 0::2] / d[:, 1::2]).sum(1)
+        return gain.masked_fill(~(free & real), -torch.inf).masked_fill_(free & ~real, -1e300)
 
     for start in range(0, steps, block):
         width = min(block, steps - start)

@@ -169,3 +169,23 @@ def test_prune_leaves_the_input_model_alone(cnn) -> None:
     after = model.state_dict()
     assert before.keys() == after.keys()
     assert all(torch.equal(before[k], after[k]) for k in before)
+
+
+def test_round_to_counts_channels_not_atoms() -> None:
+    """round_to on BERT: FFN neurons and hidden dims kept in multiples of 16; a head (16
+    channels here) is a multiple of 16 channels already, and half a multiple of 32."""
+    from surgery.budget import atom_step
+    from transformer_zoo import inputs, make
+
+    model = make("bert")
+    x = inputs("bert", model)
+    steps = {(g.kind, r): atom_step(g, r) for g in surgery.groups(model, x) if g.prunable
+             for r in (16, 32)}
+    assert steps[("head", 16)] == 1 and steps[("head", 32)] == 2
+    assert steps[("neuron", 16)] == 16 and steps[("hidden", 32)] == 32
+    plan = surgery.make_plan(model, x, sparsity=0.5, criterion="magnitude", budget="params",
+                             round_to=16)
+    assert {"head", "neuron", "hidden"} <= {g.kind for g in plan.groups}
+    for g in plan.groups:
+        if g.kind in ("neuron", "hidden"):
+            assert len(g.kept) % 16 == 0 or len(g.kept) == g.atoms, (g.name, len(g.kept))
