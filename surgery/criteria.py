@@ -90,8 +90,8 @@ class MutualInformation(Criterion):
 
     def select(self, group: ChannelGroup, ctx: ScoreContext, k: int) -> tuple[np.ndarray, np.ndarray]:
         """Greedy forward selection of the atoms whose *joint* MI with the targets is largest
-        (Gaussian: relevance minus redundancy), when every atom is one column everywhere;
-        independent top-k otherwise. A group no layer with weights is seen reading (its
+        (Gaussian: relevance minus redundancy); atoms of several columns (heads) by blocks,
+        up to ``BLOCK_COLUMNS`` columns per layer; independent top-k beyond. A group no layer with weights is seen reading (its
         reader sits inside a leaf module) has no statistics: it falls back to magnitude."""
         return self.select_many([group], ctx, [k])[0]
 
@@ -99,7 +99,7 @@ class MutualInformation(Criterion):
                     ) -> list[tuple[np.ndarray, np.ndarray]]:
         """The joint selections of all ``groups`` are solved side by side (one pass of small
         steps for all of them); see :meth:`select`."""
-        from surgery.selection import greedy_gaussian_many
+        from surgery.selection import BLOCK_COLUMNS, greedy_gaussian_blocks, greedy_gaussian_many
 
         out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
         joint = []
@@ -107,10 +107,13 @@ class MutualInformation(Criterion):
             relations = list(self._relations(group, ctx))
             single = all(len(a) == group.atoms and np.array_equal(a, np.arange(group.atoms))
                          for _, a, _ in relations)
+            gaussian = self.joint and self.estimator == "gaussian"
             if not relations:
                 out[i] = Magnitude().select(group, ctx, k)
-            elif self.joint and self.estimator == "gaussian" and single:
+            elif gaussian and single:
                 joint.append((i, [(s, t) for s, _, t in relations], k))
+            elif gaussian and all(len(a) <= BLOCK_COLUMNS for _, a, _ in relations):
+                out[i] = greedy_gaussian_blocks(relations, k, group.atoms)
             else:
                 out[i] = super().select(group, ctx, k)
         solved = greedy_gaussian_many([(rels, k) for _, rels, k in joint])

@@ -82,3 +82,37 @@ def test_a_copy_of_a_kept_channel_is_not_kept_again() -> None:
     # Independent relevance ranks the copy second (it is as relevant as a); jointly, b adds
     # what a does not already carry.
     assert 2 in kept and len({0, 1} & set(kept.tolist())) == 1
+
+
+def test_multi_column_atoms_pick_by_joint_mi() -> None:
+    """Heads of 3 columns: every pick maximises the joint MI of the kept columns (from
+    scratch), summed over a relation that sees all heads and one that sees a subset."""
+    from surgery.selection import greedy_gaussian_blocks
+
+    g = torch.Generator().manual_seed(3)
+    atoms, width, rows = 6, 3, 600
+    n = atoms * width
+    x = torch.randn(rows, n, generator=g) @ torch.randn(n, n, generator=g)
+    all_heads = np.repeat(np.arange(atoms), width)
+    some = all_heads[width:]  # the second relation does not see head 0
+    rel_a = (_sums(x, x[:, :5] @ torch.randn(5, 2, generator=g)
+                   + torch.randn(rows, 2, generator=g)), all_heads, np.arange(2))
+    rel_b = (_sums(x[:, width:], x[:, 9:] @ torch.randn(n - 9, 3, generator=g)
+                   + torch.randn(rows, 3, generator=g)), some, np.array([0, 2]))
+    kept, scores = greedy_gaussian_blocks([rel_a, rel_b], 4, atoms)
+
+    def joint(heads: list[int]) -> float:
+        total = 0.0
+        for sums, x_atoms, t_cols in (rel_a, rel_b):
+            cols = np.nonzero(np.isin(x_atoms, heads))[0].tolist()
+            if cols:
+                total += _joint_mi([(sums, t_cols)], cols)
+        return total
+
+    expected: list[int] = []
+    for _ in range(4):
+        rest = [h for h in range(atoms) if h not in expected]
+        expected.append(max(rest, key=lambda h: joint(expected + [h])))
+    assert list(kept) == sorted(expected)
+    out = np.setdiff1d(np.arange(atoms), kept)
+    assert np.isfinite(scores).all() and scores[kept].min() > scores[out].max()
