@@ -129,13 +129,18 @@ TASKS = {"cnn": cnn_task, "vit": vit_task, "minilm": minilm_task}
 
 # ---- methods ------------------------------------------------------------------------------
 
+ROUND_TO = 1
+"""Our methods keep channels in multiples of this (``--round-to``)."""
+
+
 def ours(criterion: str, **options: Any) -> Callable[[Task, float], torch.nn.Module]:
     def run(task: Task, size: float) -> torch.nn.Module:
         import surgery
 
         pruned, _ = surgery.prune(task.model, task.example, task.calib, sparsity=size,
                                   budget="params", budget_scope=task.budget_scope,
-                                  criterion=criterion, target="output", **options)
+                                  criterion=criterion, target="output", round_to=ROUND_TO,
+                                  **options)
         return pruned
     return run
 
@@ -235,6 +240,7 @@ def movement(task: Task, size: float, steps: int) -> torch.nn.Module:
             scores[m] += before[m] * (m.weight.detach() - before[m])
             before[m] = m.weight.detach().clone()
 
+    torch.manual_seed(0)
     distill(model, task.model, task.train, steps, lr=task.recovery_lr, on_step=accumulate,
             progress=False)
     flat = torch.cat([scores[m].flatten() for m in layers])
@@ -252,7 +258,11 @@ def main() -> None:
     parser.add_argument("--sizes", default="0.3,0.5,0.75")
     parser.add_argument("--recovery-steps", type=int, default=100)
     parser.add_argument("--methods", default="", help="comma-separated subset of methods")
+    parser.add_argument("--round-to", type=int, default=1,
+                        help="our methods keep channels in multiples of this")
     args = parser.parse_args()
+    global ROUND_TO
+    ROUND_TO = args.round_to
 
     import surgery
     from surgery.recovery import distill
@@ -273,6 +283,7 @@ def main() -> None:
             seconds = time.perf_counter() - start
             acc = task.evaluate(pruned)
             lat = surgery.measure_latency(pruned, task.latency_input, repeats=5)
+            torch.manual_seed(0)  # the same dropout draws for every method's fine-tune
             distill(pruned, task.model, task.train, args.recovery_steps, lr=task.recovery_lr)
             rows.append({
                 "removed": f"{1 - task.scope(pruned) / dense_params:.0%}"
@@ -299,13 +310,15 @@ def main() -> None:
         f"distillation steps (AdamW, lr {task.recovery_lr:g}, KL on logits at T=2), the same for "
         "every method. "
         f"Our methods: least-squares compensation and BatchNorm re-estimation on the "
-        f"calibration batches, no labels.\nMachine: {machine()}.\n\n"
+        f"calibration batches, no labels"
+        + (f", kept channels in multiples of {args.round_to}" if args.round_to > 1 else "")
+        + f".\nMachine: {machine()}.\n\n"
         + markdown_table(rows, ["removed", "method", "no retraining", "after recovery",
                                 "latency vs dense", "pruning s"])
         + f"\n\n![accuracy vs size]({plot.name})\n\nReproduce: `python benchmarks/"
         f"mi_vs_baselines.py --model {args.model} --sizes {args.sizes} --recovery-steps "
         f"{args.recovery_steps}" + (f" --methods '{args.methods}'" if args.methods else "")
-        + "`.\n"
+        + (f" --round-to {args.round_to}" if args.round_to > 1 else "") + "`.\n"
     )
     write_result(f"mi_vs_baselines_{task.name}", f"MI vs baselines: {task.title}", body)
 
