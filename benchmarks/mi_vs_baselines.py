@@ -222,33 +222,40 @@ METHODS: dict[str, Callable[[Task, float], torch.nn.Module]] = {
 
 
 def movement(task: Task, size: float, steps: int) -> torch.nn.Module:
-    """Movement pruning (first order, unstructured): scores -W * dL/dW summed over the same
-    recovery steps the other methods get, then the lowest-scoring weights are masked."""
-    from surgery.recovery import distill
+    """Movement pruning (Sanh et al. 2020, hard top-k variant), unstructured, during the same
+    fine-tune (data, steps, rate) the other methods get as recovery: scores accumulate
+    ``-W * dL/dW`` after every step, and the lowest-scoring weights are masked on a cubic
+    schedule that reaches ``size`` at two thirds of the steps (the rest fine-tune with the
+    final mask). BatchNorm statistics are then re-estimated, as for every other method."""
+    from surgery.recovery import distill, recalibrate_batchnorm
 
     model = copy.deepcopy(task.model)
     ignored = set(map(id, task.ignored(model)))
     layers = [m for m in model.modules()
               if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear)) and id(m) not in ignored]
     scores = {m: torch.zeros_like(m.weight) for m in layers}
-    before = {m: m.weight.detach().clone() for m in layers}
+    total = sum(m.weight.numel() for m in layers)
+    final = int(min(1.0, size * task.scope(model) / total) * total)
+    ramp = max(1, (2 * steps) // 3)
+    done = [0]
 
-    def accumulate(student: torch.nn.Module) -> None:
-        for m in layers:
-            # -W * dL/dW, with the step standing in for -lr * dL/dW: weights moving away from
-            # zero score high.
-            scores[m] += before[m] * (m.weight.detach() - before[m])
-            before[m] = m.weight.detach().clone()
+    def step(student: torch.nn.Module) -> None:
+        done[0] += 1
+        with torch.no_grad():
+            for m in layers:
+                if m.weight.grad is not None:
+                    scores[m] -= m.weight.grad * m.weight
+            k = int(final * (1 - (1 - min(1.0, done[0] / ramp)) ** 3))
+            if k == 0:
+                return
+            threshold = torch.cat([scores[m].flatten() for m in layers]).kthvalue(k).values
+            for m in layers:
+                m.weight.mul_((scores[m] > threshold).to(m.weight.dtype))
 
     torch.manual_seed(0)
-    distill(model, task.model, task.train, steps, lr=task.recovery_lr, on_step=accumulate,
+    distill(model, task.model, task.train, steps, lr=task.recovery_lr, on_step=step,
             progress=False)
-    flat = torch.cat([scores[m].flatten() for m in layers])
-    k = int(min(1.0, size * task.scope(model) / flat.numel()) * flat.numel())
-    threshold = flat.kthvalue(max(1, k)).values
-    with torch.no_grad():
-        for m in layers:
-            m.weight.mul_((scores[m] > threshold).to(m.weight.dtype))
+    recalibrate_batchnorm(model, task.calib)
     return model.eval()
 
 

@@ -127,6 +127,10 @@ def _demo_resnet18(sparsity: float, criterion: str, out: Path) -> None:
     console.print(f"plan written to {out / 'plan.json'}")
 
 
+KIND_NOUNS = {"hidden": "hidden dims"}
+"""How the summary names atoms of a kind (default: the kind plus "s")."""
+
+
 # ---- shared plumbing ------------------------------------------------------------------------
 
 MODEL_HELP = ("timm or torchvision model name, 'timm:NAME' / 'torchvision:NAME', a local Hugging "
@@ -538,7 +542,8 @@ def prune(
     for g in plan.groups:
         k = kinds.setdefault(g.kind, [0, 0])
         k[0], k[1] = k[0] + g.atoms, k[1] + len(g.kept)
-    console.print("kept: " + ", ".join(f"{b}/{a} {kind}s" for kind, (a, b) in kinds.items()))
+    console.print("kept: " + ", ".join(f"{b}/{a} {KIND_NOUNS.get(kind, kind + 's')}"
+                                       for kind, (a, b) in kinds.items()))
     console.print(f"pruned model, plan and report written to {out}/ (report.md, report.html)")
 
 
