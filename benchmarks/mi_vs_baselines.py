@@ -1,10 +1,12 @@
 """MI pruning side by side with the structural and weight-based pruners users would pick.
 
 For one model and several sizes (share of parameters removed), in one run: ours (`mi`: joint
-MI selection, `mi_topk`: the paper's independent top-k, `magnitude`; all with least-squares
-compensation and BatchNorm re-estimation) against Torch-Pruning 1.6 (group L2 magnitude, group
-Taylor, random; followed by the same BatchNorm re-estimation), unstructured global L1 magnitude, and movement pruning (unstructured, scores
-learned during the recovery fine-tune). Accuracy with no retraining and after the same short
+MI selection, with the plugin's kind weights and with kinds alike, `mi_topk`: the paper's
+independent top-k, `act_weight`, `taylor`, `magnitude`; all with least-squares compensation
+and BatchNorm re-estimation) against Torch-Pruning 1.6 (group L2 magnitude, group Taylor,
+random; followed by the same BatchNorm re-estimation), unstructured global L1 magnitude, and
+movement pruning (unstructured, masked gradually during the same fine-tune the others get as
+recovery). Accuracy with no retraining and after the same short
 distillation recovery for every method, parameters, CPU latency (batch 32) and pruning time;
 a table and an accuracy-vs-size plot in docs/benchmarks/.
 
@@ -17,7 +19,7 @@ Models (see ../shared/assets.md for the data):
   hidden size (heads declared as in its BERT example).
 
 Usage: ``python benchmarks/mi_vs_baselines.py --model cnn|vit|minilm [--sizes 0.3,0.5,0.75]
-[--recovery-steps 100]``.
+[--recovery-steps 100] [--methods SUBSTRINGS] [--round-to 16]``.
 """
 
 from __future__ import annotations
