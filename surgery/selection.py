@@ -130,7 +130,8 @@ def _greedy_batch(problems: list[tuple[list[torch.Tensor], int]], block: int
         if free[0].float().mean() < 0.75:  # drop the picked rows once they are a quarter
             keep = free.nonzero()[:, 1].view(count, -1)
             idx = keep[:, None, :]
-            trail = trail[rows[:, None, None, None], torch.arange(depth)[None, :, None, None],
+            mats = torch.arange(depth, device=device)
+            trail = trail[rows[:, None, None, None], mats[None, :, None, None],
                           keep[:, None, :, None], keep[:, None, None, :]]
             diag = diag.gather(2, idx.expand(-1, depth, -1))
             alive, free, real = alive.gather(1, keep), free.gather(1, keep), real.gather(1, keep)
