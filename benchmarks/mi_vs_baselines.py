@@ -284,6 +284,11 @@ def main() -> None:
     dense_acc = task.evaluate(task.model)
     dense_params = task.scope(task.model)
     dense_lat = surgery.measure_latency(task.model, task.latency_input, repeats=5)
+
+    def latency_ratio(model: torch.nn.Module) -> str:
+        """Against the dense model timed just before (the machine's speed drifts)."""
+        dense = surgery.measure_latency(task.model, task.latency_input, repeats=5)
+        return f"{surgery.measure_latency(model, task.latency_input, repeats=5) / dense:.2f}x"
     rows: list[dict] = []
     for size in sizes:
         for name in wanted:
@@ -291,7 +296,7 @@ def main() -> None:
             pruned = METHODS[name](task, size)
             seconds = time.perf_counter() - start
             acc = task.evaluate(pruned)
-            lat = surgery.measure_latency(pruned, task.latency_input, repeats=5)
+            lat = latency_ratio(pruned)
             torch.manual_seed(0)  # the same dropout draws for every method's fine-tune
             distill(pruned, task.model, task.train, args.recovery_steps, lr=task.recovery_lr)
             rows.append({
@@ -299,7 +304,7 @@ def main() -> None:
                 if "unstructured" not in name else f"{size:.0%} (masked)",
                 "target": size, "method": name, "no retraining": f"{acc:.3f}",
                 "after recovery": f"{task.evaluate(pruned):.3f}",
-                "latency vs dense": f"{lat / dense_lat:.2f}x", "pruning s": f"{seconds:.1f}",
+                "latency vs dense": lat, "pruning s": f"{seconds:.1f}",
             })
             print(rows[-1], flush=True)
         start = time.perf_counter()
@@ -308,7 +313,7 @@ def main() -> None:
             "removed": f"{size:.0%} (masked)", "target": size,
             "method": "movement pruning (needs the fine-tune)", "no retraining": "-",
             "after recovery": f"{task.evaluate(moved):.3f}",
-            "latency vs dense": f"{surgery.measure_latency(moved, task.latency_input, repeats=5) / dense_lat:.2f}x",
+            "latency vs dense": latency_ratio(moved),
             "pruning s": f"{time.perf_counter() - start:.1f}",
         })
         print(rows[-1], flush=True)
