@@ -58,7 +58,7 @@ def demo(
             "--budget", "params", "--budget-scope", "bert.encoder", "--criterion", criterion,
             "--data", str(folder / "train.jsonl"), "--eval-data", str(folder / "test.jsonl"),
             "--calib-samples", "512", "--eval-samples", "2000", "--batch-size", "32",
-            "--seq-len", "64"]
+            "--seq-len", "64", "--round-to", "16"]
     console.print("[bold]" + " ".join(["surgery", *args]))
     typer.main.get_command(app).main(args=args, prog_name="surgery", standalone_mode=False)
 
