@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 
 $(VENV)/.installed-base: pyproject.toml
 	python3 -m venv $(VENV)
-	$(VENV)/bin/pip install -q -e .
+	$(VENV)/bin/pip install -q -e '.[plots]'
 	touch $@
 
 $(VENV)/.installed-test: pyproject.toml examples/surgery-plugin-example/pyproject.toml

@@ -132,7 +132,7 @@ def _pyplot():
     try:
         import matplotlib
     except ImportError as exc:
-        raise ImportError("plots need matplotlib: pip install 'model-surgery[report]'.") from exc
+        raise ImportError("plots need matplotlib: pip install 'model-surgery[plots]'.") from exc
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
@@ -308,7 +308,7 @@ def write_report(folder: str | Path, *, plan: Any, model: str, command: str,
         plot_kept(plan, folder / KEPT_PLOT)
         plot_cost(dense, pruned, folder / COST_PLOT)
         plots = True
-    except ImportError:  # matplotlib is the optional [report] extra
+    except ImportError:  # matplotlib is the optional [plots] extra
         plots = False
     vers = versions()
     summary_header = ["", "dense", "pruned", "change"]
@@ -340,7 +340,7 @@ def write_report(folder: str | Path, *, plan: Any, model: str, command: str,
     if plan.extra.get("compensated"):
         intro += (f" {_count(plan.extra['compensated'])} layers reading a cut group refitted by "
                   "least squares.")
-    no_plots = "(No plots: pip install 'model-surgery[report]' for matplotlib.)"
+    no_plots = "(No plots: pip install 'model-surgery[plots]' for matplotlib.)"
     cost_img = f"![params and MACs]({COST_PLOT})" if plots else no_plots
     kept_img = f"![kept per group]({KEPT_PLOT})" if plots else no_plots
     cost_tag = f"<img src='{COST_PLOT}' alt='params and MACs'>" if plots else f"<p>{no_plots}</p>"
