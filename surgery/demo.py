@@ -40,11 +40,11 @@ def resnet18_fashion(train_images: int = 12000, epochs: int = 1, seed: int = 0,
                             train_images, epochs, lr=2e-3, log=log)
 
 
-def vit_fashion(train_images: int = 12000, epochs: int = 2, seed: int = 0,
+def vit_fashion(train_images: int = 12000, epochs: int = 8, seed: int = 0,
                 log: Callable[[str], None] = print) -> torch.nn.Module:
     """A small timm ViT (DeiT-tiny width 192, 6 blocks of 3 heads, 4x4 patches of the 32x32
-    images: 64 tokens) trained on Fashion-MNIST, from the cache or trained now (a few
-    minutes on 2 cores)."""
+    images: 64 tokens) trained on Fashion-MNIST, from the cache or trained now (8 epochs,
+    about 9 minutes on 2 cores; 2 epochs left it at 0.62 test accuracy)."""
     import timm
 
     torch.manual_seed(seed)
