@@ -130,10 +130,11 @@ def uniform_counts(cost: CostModel, sparsity: float, kind: str, *, round_to: int
                           "nothing can be cut; give at least one of the model's kinds "
                           f"{sorted({g.kind for g in groups})} a positive weight.")
     t_max = 1.0 / min(w for w in weights.values() if w > 0)
+    steps = {g.id: atom_step(g, round_to) for g in groups}
 
     def counts(t: float) -> dict[int, int]:
         return {g.id: _rounded((1.0 - min(1.0, weights[g.id] * t)) * g.atoms, g.atoms,
-                               atom_step(g, round_to), min_keep) for g in groups}
+                               steps[g.id], min_keep) for g in groups}
 
     def removed(c: dict[int, int]) -> float:
         return cost.removed(cost.mask(_first_k(cost.coupling, c)), kind)
@@ -158,12 +159,13 @@ def uniform_counts(cost: CostModel, sparsity: float, kind: str, *, round_to: int
         else:
             lo = mid
     best = min((counts(lo), counts(hi)), key=lambda c: abs(removed(c) - sparsity))
-    return _refine(best, removed, sparsity, groups, round_to, min_keep)
+    return _refine(best, removed, sparsity, groups, steps, min_keep)
 
 
-def _refine(counts: dict[int, int], removed, sparsity: float, groups, round_to: int,
+def _refine(counts: dict[int, int], removed, sparsity: float, groups, units: dict[int, int],
             min_keep: int, steps: int = 64) -> dict[int, int]:
-    """Greedy +/- one rounding step on single groups while it moves closer to the target."""
+    """Greedy +/- one rounding step (``units``, atoms per group) on single groups while it moves
+    closer to the target."""
     err = abs(removed(counts) - sparsity)
     if err < 0.002:
         return counts
@@ -171,8 +173,7 @@ def _refine(counts: dict[int, int], removed, sparsity: float, groups, round_to: 
     for _ in range(steps):
         best, best_err = None, err
         for g in by_size:
-            unit = atom_step(g, round_to)
-            for step in (-unit, unit):
+            for step in (-units[g.id], units[g.id]):
                 k = counts[g.id] + step
                 if not max(1, min(min_keep, g.atoms)) <= k <= g.atoms:
                     continue
@@ -195,12 +196,12 @@ def global_kept(cost: CostModel, scores: dict[int, np.ndarray], sparsity: float,
     groups = cost.coupling.prunable
     norm = {g.id: scores[g.id] / max(float(np.max(scores[g.id])), 1e-12) for g in groups}
     order = {g.id: np.argsort(-scores[g.id], kind="stable") for g in groups}
+    steps = {g.id: atom_step(g, round_to) for g in groups}
 
     def kept(tau: float) -> dict[int, np.ndarray]:
         out = {}
         for g in groups:
-            k = _rounded(float((norm[g.id] >= tau).sum()), g.atoms, atom_step(g, round_to),
-                         min_keep)
+            k = _rounded(float((norm[g.id] >= tau).sum()), g.atoms, steps[g.id], min_keep)
             out[g.id] = np.sort(order[g.id][:k])
         return out
 

@@ -147,8 +147,9 @@ class MomentSums:
         layers, and are derived when asked for, so they take no memory meanwhile."""
         self.gram()
         return LinearTargetSums(self.dx, weight.shape[0], self.n, self.total, self.outer,
-                                [], True, self.reservoir, weight.detach().clone(),
-                                None if bias is None else bias.detach().clone())
+                                whole=True, reservoir=self.reservoir,
+                                weight=weight.detach().clone(),
+                                bias=None if bias is None else bias.detach().clone())
 
     def covariance(self) -> torch.Tensor:
         mean = self.total / self.n
@@ -208,12 +209,8 @@ class LinearTargetSums(MomentSums):
         return c_xx, c_xt, (c_tt + c_tt.T) / 2
 
     def covariance(self) -> torch.Tensor:
-        w, _ = self._map()
-        c_xx = super().covariance()
-        c_xt = c_xx @ w.T
-        c_tt = w @ c_xt
-        return torch.cat([torch.cat([c_xx, c_xt], 1),
-                          torch.cat([c_xt.T, (c_tt + c_tt.T) / 2], 1)], 0)
+        c_xx, c_xt, c_tt = self.blocks(np.arange(self.dt))
+        return torch.cat([torch.cat([c_xx, c_xt], 1), torch.cat([c_xt.T, c_tt], 1)], 0)
 
     def mean(self) -> torch.Tensor:
         w, b = self._map()

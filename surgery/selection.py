@@ -107,6 +107,10 @@ def _greedy_batch(problems: list[tuple[list[torch.Tensor], int]], block: int
         gain = 0.5 * torch.log(d[:, 0::2] / d[:, 1::2]).sum(1)
         return gain.masked_fill(~(free & real), -torch.inf).masked_fill_(free & ~real, -1e300)
 
+    def remember(p: int, gain: torch.Tensor) -> None:
+        left = free[p] & real[p]  # problem p's atoms not picked after its k picks
+        last[p] = (alive[p][left], gain[p][left])
+
     for start in range(0, steps, block):
         width = min(block, steps - start)
         panel = trail.new_zeros(count, depth, width, alive.shape[1])  # rows: factor columns
@@ -115,7 +119,7 @@ def _greedy_batch(problems: list[tuple[list[torch.Tensor], int]], block: int
             j = torch.argmax(gain, 1)
             for p in range(count):
                 if start + i == ks[p]:
-                    last[p] = (alive[p][free[p] & real[p]], gain[p][free[p] & real[p]])
+                    remember(p, gain)
             free[rows, j] = False
             picks[:, start + i] = alive[rows, j]
             gained[:, start + i] = gain[rows, j]
@@ -138,19 +142,25 @@ def _greedy_batch(problems: list[tuple[list[torch.Tensor], int]], block: int
     gain = gains()
     for p in range(count):
         if ks[p] == steps:
-            last[p] = (alive[p][free[p] & real[p]], gain[p][free[p] & real[p]])
+            remember(p, gain)
     out = []
     for p, k in enumerate(ks):
-        scores = np.full(widths[p], -np.inf)
         chosen = picks[p, :k].cpu().numpy()
-        scores[chosen] = gained[p, :k].cpu().numpy()
-        if p in last and len(last[p][0]):
-            # Never-selected atoms rank by their last gain, all below the weakest selected.
-            rest, tail = (t.cpu().numpy() for t in last[p])
-            top = scores[chosen].min() if k else 0.0
-            scores[rest] = tail - tail.max() + top - 1.0
-        out.append((np.sort(chosen), scores))
+        rest, tail = (t.cpu().numpy() for t in last[p])
+        out.append(_ranked(widths[p], chosen, gained[p, :k].cpu().numpy(), rest, tail))
     return out
+
+
+def _ranked(atoms: int, chosen: np.ndarray, picked: np.ndarray, rest: np.ndarray,
+            tail: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(kept atoms sorted, scores): each pick scores its gain when picked; the atoms never
+    picked (``rest``) rank by their last gain (``tail``), all below the weakest pick."""
+    scores = np.full(atoms, -np.inf)
+    scores[chosen] = picked
+    if len(rest):
+        top = picked.min() if len(picked) else 0.0
+        scores[rest] = tail - tail.max() + top - 1.0
+    return np.sort(np.asarray(chosen, dtype=np.int64)), scores
 
 
 BLOCK_COLUMNS = 2048
@@ -177,8 +187,8 @@ def greedy_gaussian_blocks(relations: list[tuple[MomentSums, np.ndarray, np.ndar
                 for ids in by_width.values()]
         state.append([mats, cols, runs])
     free = np.ones(atoms, dtype=bool)
-    scores = np.full(atoms, -np.inf)
     chosen: list[int] = []
+    picked: list[float] = []
     steps = min(k, atoms)
     gain = np.zeros(atoms)
     for step in range(steps + 1):
@@ -193,7 +203,7 @@ def greedy_gaussian_blocks(relations: list[tuple[MomentSums, np.ndarray, np.ndar
         j = int(np.argmax(np.where(free, gain, -np.inf)))
         free[j] = False
         chosen.append(j)
-        scores[j] = gain[j]
+        picked.append(gain[j])
         for entry in state:
             mats, cols, _ = entry
             if len(cols[j]):
@@ -202,8 +212,5 @@ def greedy_gaussian_blocks(relations: list[tuple[MomentSums, np.ndarray, np.ndar
                 piv = torch.linalg.cholesky(col[:, c])
                 w = torch.linalg.solve_triangular(piv, col.transpose(1, 2), upper=False)
                 entry[0] = mats - w.transpose(1, 2) @ w
-    if free.any():
-        top = scores[chosen].min() if chosen else 0.0
-        rest = gain[free]
-        scores[free] = rest - rest.max() + top - 1.0
-    return np.sort(np.asarray(chosen, dtype=np.int64)), scores
+    return _ranked(atoms, np.asarray(chosen, dtype=np.int64), np.asarray(picked),
+                   np.nonzero(free)[0], gain[free])
