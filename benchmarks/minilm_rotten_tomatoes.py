@@ -36,7 +36,7 @@ def main() -> None:
     args = parser.parse_args()
 
     import surgery
-    from surgery.datasets import AssetMissing
+    from surgery.demo.datasets import AssetMissing
     from surgery.demo import minilm_rotten_tomatoes, text_accuracy
 
     try:

@@ -216,7 +216,7 @@ def tensors(value: Any) -> list:
 def forward(model, x) -> list:
     import torch
 
-    from surgery.inputs import call
+    from surgery._core.batches import call
 
     with torch.no_grad():
         return tensors(call(model, x))

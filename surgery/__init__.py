@@ -9,9 +9,13 @@ The public API is small::
     surgery.apply_plan(model, plan)           # re-apply a saved plan
 """
 
+from surgery._core import moved as _moved
+
+_moved.install()  # old module paths (surgery.propagate, surgery.loading ...) keep working
+
 from surgery.api import couple, groups, make_plan, prune
-from surgery.apply import apply_plan
-from surgery.capture import trace
+from surgery.cut.apply import apply_plan
+from surgery.graph.capture import trace
 from surgery.counting import count_macs, count_params, measure_latency
 from surgery.errors import (
     BudgetError,
@@ -24,7 +28,7 @@ from surgery.errors import (
 )
 from surgery import io
 from surgery.hookspecs import hookimpl
-from surgery.plan import PruningPlan
+from surgery.cut.plan import PruningPlan
 
 __version__ = "0.1.0"
 

@@ -9,21 +9,21 @@ from typing import Any, Callable, Iterable
 
 import torch
 
-from surgery.allocation import output_gap, outputs, search_kind_weights
-from surgery.apply import apply_plan
-from surgery.budget import CostModel, check_sparsity, global_kept, uniform_counts
-from surgery.calibration import calibrate
-from surgery.capture import trace
-from surgery.compensation import compensate as compensate_readers
+from surgery.budget.kind_search import output_gap, outputs, search_kind_weights
+from surgery.cut.apply import apply_plan
+from surgery.budget.allocate import CostModel, check_sparsity, global_kept, uniform_counts
+from surgery.stats.calibrate import calibrate
+from surgery.graph.capture import trace
+from surgery.cut.compensation import compensate as compensate_readers
 from surgery.counting import count_macs, count_params, node_macs
-from surgery.criteria import ScoreContext, get_criterion
+from surgery.scoring.criteria import ScoreContext, get_criterion
 from surgery.errors import BudgetError, CalibrationError
-from surgery.estimators import SAMPLES
-from surgery.groups import ChannelGroup, Coupling, find_groups
-from surgery.plan import PruningPlan, build_plan
+from surgery.scoring.estimators import SAMPLES
+from surgery.graph.groups import ChannelGroup, Coupling, find_groups
+from surgery.cut.plan import PruningPlan, build_plan
 from surgery.plugins import call_hook
-from surgery.recovery import recalibrate_batchnorm
-from surgery.scoring import top_down
+from surgery.cut.recovery import recalibrate_batchnorm
+from surgery.scoring.topdown import top_down
 
 TARGETS = ("output", "labels")
 ALLOCATIONS = ("uniform", "global")
@@ -201,7 +201,7 @@ def _search_kinds(model, example_inputs, calib_data, ctx: ScoreContext, choose, 
                   *, compensate: bool, progress, batches: int = 8):
     """kind_weights='search' (see :mod:`surgery.allocation`): returns the chosen weights, the
     candidates tried with their output gaps, and the chosen candidate's (kept, scores)."""
-    from surgery.modes import restore_modes, training_modes
+    from surgery._core.modes import restore_modes, training_modes
 
     evaluation = list(itertools.islice(iter(calib_data), batches))
     modes = training_modes(model)

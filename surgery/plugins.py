@@ -19,7 +19,8 @@ from surgery import hookspecs
 from surgery.errors import PluginError, SurgeryError
 
 ENTRY_POINT_GROUP = "surgery"
-BUILTIN_PLUGINS = ("surgery.rules", "surgery_plugins.cnn", "surgery_plugins.bert", "surgery_plugins.vit")
+BUILTIN_PLUGINS = ("surgery.graph.rules.shapes", "surgery_plugins.timm_cnn",
+                   "surgery_plugins.hf_encoders", "surgery_plugins.vision_transformers")
 
 
 @functools.cache

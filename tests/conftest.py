@@ -88,8 +88,8 @@ HALF_SEED = 0
 
 def get_case(name: str) -> Case:
     if name not in _CASES:
-        from surgery.capture import trace
-        from surgery.groups import find_groups
+        from surgery.graph.capture import trace
+        from surgery.graph.groups import find_groups
 
         model, x = make_model(name), make_input(name)
         snapshot = state_snapshot(model)
@@ -101,7 +101,7 @@ def get_pruned(name: str):
     """``(plan, pruned)``: the case's model pruned by ``keep_random_half(seed=HALF_SEED)`` with
     ``apply_plan`` (verified on the example input); built once per session."""
     if name not in _PRUNED:
-        from surgery.apply import apply_plan
+        from surgery.cut.apply import apply_plan
 
         case = get_case(name)
         plan = plan_for(case.coupling, keep_random_half(case.coupling, seed=HALF_SEED))
@@ -148,7 +148,7 @@ def keep_random_half(coupling, seed: int = 0) -> dict[int, np.ndarray]:
 
 
 def plan_for(coupling, kept: dict[int, np.ndarray]):
-    from surgery.plan import build_plan
+    from surgery.cut.plan import build_plan
 
     return build_plan(coupling, kept, criterion="test", target="output", budget={})
 

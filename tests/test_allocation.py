@@ -8,7 +8,7 @@ import torch
 
 import surgery
 from surgery.api import couple
-from surgery.budget import CostModel, uniform_counts
+from surgery.budget.allocate import CostModel, uniform_counts
 from surgery.counting import node_macs
 from surgery.errors import BudgetError, CalibrationError
 from surgery_plugins.attention import TRANSFORMER_KIND_WEIGHTS

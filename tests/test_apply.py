@@ -10,7 +10,7 @@ import pytest
 import torch
 import torch.nn as nn
 
-from surgery.apply import apply_plan
+from surgery.cut.apply import apply_plan
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -11,10 +11,10 @@ from __future__ import annotations
 import pytest
 import torch
 
-from surgery import calibration
-from surgery.calibration import MomentSums, calibrate
-from surgery.groups import find_groups
-from surgery.capture import trace
+from surgery.stats import calibrate as calibration
+from surgery.stats.calibrate import MomentSums, calibrate
+from surgery.graph.groups import find_groups
+from surgery.graph.capture import trace
 from transformer_zoo import inputs, make
 
 pytestmark = pytest.mark.usefixtures("single_thread")

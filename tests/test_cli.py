@@ -69,7 +69,7 @@ def pruned(tmp_path_factory) -> Path:
 # ---- prune ----------------------------------------------------------------------------------
 
 def test_prune_writes_model_plan_and_report(pruned: Path) -> None:
-    from surgery.plan import PruningPlan
+    from surgery.cut.plan import PruningPlan
 
     names = {p.name for p in pruned.iterdir()}
     assert {"model.safetensors", "plan.json", "surgery.json", "source.json", "report.md",
@@ -97,8 +97,8 @@ def test_pruned_folder_reloads_the_measured_model(pruned: Path) -> None:
     import cli_models
 
     from surgery.counting import count_params
-    from surgery.loading import load_pruned
-    from surgery.report import accuracy
+    from surgery.cli.specs import load_pruned
+    from surgery.cli.report import accuracy
 
     folder = load_pruned(pruned)
     metrics = json.loads((pruned / "metrics.json").read_text())
@@ -121,13 +121,13 @@ def test_failed_prune_leaves_no_output_folder(tmp_path: Path) -> None:
 
 
 def test_failure_while_writing_leaves_nothing_and_keeps_the_old_folder(tmp_path, monkeypatch):
-    import surgery.report
+    import surgery.cli.report
 
     def boom(folder, **kwargs):
         (Path(folder) / "report.md").write_text("half")
         raise OSError("disk full")
 
-    monkeypatch.setattr(surgery.report, "write_report", boom)
+    monkeypatch.setattr(surgery.cli.report, "write_report", boom)
     out = tmp_path / "nested" / "out"
     args = ["prune", *TINY, "--criterion", "magnitude", "--latency-batch", "0", "--out", str(out)]
     res = invoke(*args)
@@ -162,7 +162,7 @@ def test_prune_image_folder_torchvision_checkpoint(tmp_path: Path) -> None:
     import torchvision
     from PIL import Image
 
-    from surgery.loading import load_pruned
+    from surgery.cli.specs import load_pruned
 
     for c, color in enumerate(("red", "blue")):
         (tmp_path / "images" / f"class{c}").mkdir(parents=True)
@@ -258,7 +258,7 @@ def test_bench_latency_per_batch_size(pruned: Path, tmp_path: Path) -> None:
 def test_export_onnx_matches_pytorch(pruned: Path, tmp_path: Path) -> None:
     import onnxruntime as ort
 
-    from surgery.loading import load_pruned
+    from surgery.cli.specs import load_pruned
 
     res = surgery("export", str(pruned), "--onnx", "m.onnx", cwd=tmp_path)
     assert "onnxruntime matches PyTorch" in res.stdout
@@ -292,7 +292,7 @@ def test_timm_checkpoint_safetensors_and_num_classes(tmp_path: Path) -> None:
     import timm
     from safetensors.torch import save_file
 
-    from surgery.loading import LoadError, load_model
+    from surgery.cli.specs import LoadError, load_model
 
     torch.manual_seed(5)
     net = timm.create_model("resnet10t", num_classes=3)
@@ -307,8 +307,8 @@ def test_timm_checkpoint_safetensors_and_num_classes(tmp_path: Path) -> None:
 
 
 def test_fashion_mnist_batches_fit_the_model() -> None:
-    from surgery.datasets import AssetMissing
-    from surgery.loading import load_data
+    from surgery.demo.datasets import AssetMissing
+    from surgery.cli.specs import load_data
 
     try:
         data = load_data("fashion-mnist", {"kind": "image", "shape": [3, 32, 32]},
@@ -332,7 +332,7 @@ def _tokenizer():
 
 
 def test_text_csv_and_jsonl_batches(tmp_path: Path) -> None:
-    from surgery.loading import LoadError, label_ids, load_data, read_text_rows
+    from surgery.cli.specs import LoadError, label_ids, load_data, read_text_rows
 
     (tmp_path / "t.csv").write_text('text,label\n"a good movie",pos\nbad plot,neg\n"a, bad",neg\n')
     rows = read_text_rows(tmp_path / "t.csv")
@@ -373,7 +373,7 @@ def test_hugging_face_folder(tmp_path: Path, monkeypatch) -> None:
     without the plugins, the error says so."""
     from transformers import BertConfig, BertForSequenceClassification
 
-    import surgery.loading
+    import surgery.cli.specs
 
     torch.manual_seed(0)
     folder = tmp_path / "tiny-bert"
@@ -408,7 +408,7 @@ def test_hugging_face_folder(tmp_path: Path, monkeypatch) -> None:
                  "--kind-weights", "neuron:1", "--out", str(tmp_path / "bad"))
     assert res.exit_code == 1 and "kind=weight pairs" in res.output
 
-    monkeypatch.setattr(surgery.loading, "hf_plugins_available", lambda: False)
+    monkeypatch.setattr(surgery.cli.specs, "hf_plugins_available", lambda: False)
     res = invoke("inspect", str(folder))
     assert res.exit_code == 1
     assert "Hugging Face support arrives with the BERT/ViT plugins" in res.output

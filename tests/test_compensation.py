@@ -9,10 +9,10 @@ import numpy as np
 import torch
 
 import surgery
-from surgery.apply import apply_plan
-from surgery.calibration import calibrate
-from surgery.compensation import compensate
-from surgery.plan import build_plan
+from surgery.cut.apply import apply_plan
+from surgery.stats.calibrate import calibrate
+from surgery.cut.compensation import compensate
+from surgery.cut.plan import build_plan
 
 
 class TwoLinear(torch.nn.Module):

@@ -13,7 +13,7 @@ import torch
 import torchvision
 
 import surgery
-from surgery.plan import PruningPlan
+from surgery.cut.plan import PruningPlan
 
 SETUP = """
 import torch, torchvision
@@ -28,7 +28,7 @@ example = batches[0][0][:2]
 WORKER = SETUP + """
 import sys
 import surgery
-from surgery import distributed
+from surgery.stats import distributed
 assert distributed.init_from_env()
 _, plan = surgery.prune(model, example, batches, sparsity=0.5, target="labels")
 if distributed.rank() == 0:

@@ -17,7 +17,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import surgery
-from surgery.apply import apply_plan
+from surgery.cut.apply import apply_plan
 from surgery.errors import (
     BudgetError,
     CalibrationError,
@@ -28,7 +28,7 @@ from surgery.errors import (
     VerificationError,
 )
 from surgery.hookspecs import hookimpl
-from surgery.plan import PruningPlan, build_plan
+from surgery.cut.plan import PruningPlan, build_plan
 from surgery.plugins import plugin_manager
 
 

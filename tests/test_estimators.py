@@ -7,8 +7,8 @@ import pytest
 import torch
 
 import surgery
-from surgery.calibration import MomentSums
-from surgery.estimators import binned, gaussian, get_estimator, ksg
+from surgery.stats.calibrate import MomentSums
+from surgery.scoring.estimators import binned, gaussian, get_estimator, ksg
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

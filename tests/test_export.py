@@ -14,7 +14,7 @@ import onnx  # noqa: E402
 import onnxruntime as ort  # noqa: E402
 
 import surgery  # noqa: E402
-from surgery.export import ExportError, check_onnx, export_onnx  # noqa: E402
+from surgery.io.onnx import ExportError, check_onnx, export_onnx  # noqa: E402
 
 
 @pytest.fixture(scope="module")

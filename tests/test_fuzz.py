@@ -32,11 +32,11 @@ from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
 from fuzz_models import Arch, architectures, build, describe
-from surgery.apply import apply_plan
-from surgery.capture import trace
-from surgery.groups import find_groups
-from surgery.plan import PruningPlan, build_plan
-from surgery.propagate import flatten_tracks
+from surgery.cut.apply import apply_plan
+from surgery.graph.capture import trace
+from surgery.graph.groups import find_groups
+from surgery.cut.plan import PruningPlan, build_plan
+from surgery.graph.propagate import flatten_tracks
 
 FUZZ = settings(deadline=None, derandomize=True, database=None, print_blob=False,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])

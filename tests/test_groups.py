@@ -15,8 +15,8 @@ import sys
 import pytest
 import torch.nn as nn
 
-from surgery.capture import trace
-from surgery.groups import find_groups
+from surgery.graph.capture import trace
+from surgery.graph.groups import find_groups
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

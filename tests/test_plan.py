@@ -10,9 +10,9 @@ import pytest
 import torch
 import torchvision
 
-from surgery.apply import apply_plan
+from surgery.cut.apply import apply_plan
 from surgery.errors import CaptureError, PlanError, VerificationError
-from surgery.plan import PruningPlan
+from surgery.cut.plan import PruningPlan
 
 from models import MLP, SmallCNN
 
@@ -62,7 +62,7 @@ def test_round_trip_keeps_decisions_scores_and_metadata(zoo):
     c = case.coupling
     kept = zoo.keep_random_half(c, seed=11)
     scores = {g.id: np.linspace(0.0, 1.0, g.atoms) / 3.0 for g in c.prunable}
-    from surgery.plan import build_plan
+    from surgery.cut.plan import build_plan
 
     plan = build_plan(c, kept, criterion="mi", target="logits", budget={"macs": 0.5},
                       scores=scores)

@@ -174,7 +174,7 @@ def test_prune_leaves_the_input_model_alone(cnn) -> None:
 def test_round_to_counts_channels_not_atoms() -> None:
     """round_to on BERT: FFN neurons and hidden dims kept in multiples of 16; a head (16
     channels here) is a multiple of 16 channels already, and half a multiple of 32."""
-    from surgery.budget import atom_step
+    from surgery.budget.allocate import atom_step
     from transformer_zoo import inputs, make
 
     model = make("bert")

@@ -10,11 +10,11 @@ import pytest
 import torch
 
 from surgery import io
-from surgery.apply import apply_plan
-from surgery.capture import trace
+from surgery.cut.apply import apply_plan
+from surgery.graph.capture import trace
 from surgery.errors import StorageError, SurgeryError
-from surgery.groups import find_groups
-from surgery.plan import build_plan
+from surgery.graph.groups import find_groups
+from surgery.cut.plan import build_plan
 from transformer_zoo import TIMM_KWARGS, inputs, logits, make
 
 _CACHE: dict[str, tuple] = {}

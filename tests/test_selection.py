@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from surgery.calibration import MomentSums
-from surgery.selection import _conditional, greedy_gaussian, greedy_gaussian_many
+from surgery.stats.calibrate import MomentSums
+from surgery.scoring.selection import _conditional, greedy_gaussian, greedy_gaussian_many
 
 
 def _sums(x: torch.Tensor, t: torch.Tensor) -> MomentSums:
@@ -87,7 +87,7 @@ def test_a_copy_of_a_kept_channel_is_not_kept_again() -> None:
 def test_multi_column_atoms_pick_by_joint_mi() -> None:
     """Heads of 3 columns: every pick maximises the joint MI of the kept columns (from
     scratch), summed over a relation that sees all heads and one that sees a subset."""
-    from surgery.selection import greedy_gaussian_blocks
+    from surgery.scoring.selection import greedy_gaussian_blocks
 
     g = torch.Generator().manual_seed(3)
     atoms, width, rows = 6, 3, 600

@@ -17,8 +17,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import surgery
-from surgery.apply import apply_plan
-from surgery.plan import build_plan
+from surgery.cut.apply import apply_plan
+from surgery.cut.plan import build_plan
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 

@@ -10,10 +10,10 @@ import numpy as np
 import pytest
 import torch
 
-from surgery.apply import apply_plan
-from surgery.capture import trace
-from surgery.groups import find_groups
-from surgery.plan import build_plan
+from surgery.cut.apply import apply_plan
+from surgery.graph.capture import trace
+from surgery.graph.groups import find_groups
+from surgery.cut.plan import build_plan
 from transformer_zoo import IMAGE, LENGTHS, TEXT, encoder_params, inputs, logits, make
 
 ALL = TEXT + IMAGE
@@ -88,7 +88,7 @@ def test_mpnet_heads_include_the_shared_position_bias():
 
 
 def _attentions(model):
-    from surgery_plugins import bert, vit
+    from surgery_plugins import hf_encoders as bert, vision_transformers as vit
 
     found = [(m, lay) for _, m, lay in bert.attention_modules(model)]
     found += [(m, vit.TIMM_LAYOUT) for _, m in vit.timm_attention_modules(model)]

@@ -1,1 +1,0 @@
-"""Built-in architecture plugins for surgery (import name ``surgery_plugins``)."""

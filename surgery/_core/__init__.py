@@ -1,0 +1,1 @@
+"""Internals shared by every stage: batch shapes, train/eval modes, heap release."""

@@ -1,0 +1,223 @@
+"""Budgets: how many atoms each group keeps so that a target share of params or MACs goes.
+
+The cost model prices a keep decision without building the model: a parameter's size is its
+dense size times the kept fraction of each tracked dimension, a layer's MACs are its measured
+dense MACs (FlopCounterMode, per fx node) times the kept fraction of each channel axis it
+multiplies over. Both allocations are one-parameter families solved by bisection: a uniform
+keep ratio per group (the paper's setting), or a global threshold on per-group normalised
+scores (groups compete for the budget).
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import numpy as np
+
+from surgery.errors import BudgetError
+from surgery.graph.groups import ChannelGroup, Coupling
+
+KINDS = ("params", "macs")
+
+
+@dataclass
+class Cost:
+    params: int
+    macs: int
+
+    def of(self, kind: str) -> int:
+        return self.params if kind == "params" else self.macs
+
+
+class CostModel:
+    """Prices a keep mask over atom labels; see the module docstring."""
+
+    def __init__(self, coupling: Coupling, macs_per_node: dict[str, int],
+                 scope: tuple[str, ...] = ()) -> None:
+        """``scope``: parameter-name prefixes the params budget counts (e.g. the encoder's);
+        empty counts every parameter."""
+        self.coupling = coupling
+        self.n_labels = int(coupling.label_of.max()) + 1 if len(coupling.label_of) else 0
+        records = coupling.record_labels()
+        params = {n: p for n, p in coupling.capture.model.named_parameters()
+                  if not scope or n.startswith(scope)}
+        if not params:
+            raise BudgetError(f"no parameter name starts with {scope}; budget_scope takes "
+                              "prefixes of model.named_parameters() names, e.g. 'bert.encoder'.")
+        self.param_terms: list[tuple[int, list[np.ndarray]]] = []
+        tracked = 0
+        for name, p in params.items():
+            dims = [records[(name, d)] for d in range(p.ndim) if (name, d) in records]
+            if dims:
+                self.param_terms.append((p.numel(), dims))
+                tracked += p.numel()
+        dense_params = sum(p.numel() for p in params.values())
+        self.fixed_params = dense_params - tracked
+        prop = coupling.propagation
+        label_of = coupling.label_of
+        self.mac_terms = [
+            (macs, [label_of[f.ravel()] for f in prop.mac_factors[n]])
+            for n, macs in macs_per_node.items() if n in prop.mac_factors
+        ]
+        self.fixed_macs = sum(macs_per_node.values()) - sum(m for m, _ in self.mac_terms)
+        self.dense = self.cost(np.ones(self.n_labels, dtype=bool))
+
+    def cost(self, keep: np.ndarray) -> Cost:
+        params = self.fixed_params + sum(
+            n * np.prod([keep[d].mean() for d in dims]) for n, dims in self.param_terms
+        )
+        macs = self.fixed_macs + sum(
+            m * np.prod([keep[f].mean() for f in fs if len(f)]) for m, fs in self.mac_terms
+        )
+        return Cost(int(round(params)), int(round(macs)))
+
+    def removed(self, keep: np.ndarray, kind: str) -> float:
+        return 1.0 - self.cost(keep).of(kind) / max(1, self.dense.of(kind))
+
+    def mask(self, kept: dict[int, np.ndarray]) -> np.ndarray:
+        keep = np.ones(self.n_labels, dtype=bool)
+        for g in self.coupling.prunable:
+            if g.id in kept:
+                drop = np.setdiff1d(np.arange(g.atoms), kept[g.id])
+                keep[g.labels[drop]] = False
+        return keep
+
+
+def atom_step(group: ChannelGroup, round_to: int) -> int:
+    """Atoms per rounding step so that the kept *channels* are multiples of ``round_to``: an
+    attention head of 32 channels is already a multiple of 8 or 16, a neuron is not."""
+    width = max((len(per_atom[0]) for per_atom in group.slices.values() if per_atom), default=1)
+    return max(1, round_to // math.gcd(round_to, max(1, width)))
+
+
+def _rounded(x: float, atoms: int, step: int, min_keep: int) -> int:
+    k = int(round(x / step)) * step if step > 1 else int(round(x))
+    return int(min(atoms, max(min(min_keep, atoms), k)))
+
+
+def check_sparsity(sparsity: float, kind: str) -> None:
+    if kind not in KINDS:
+        raise BudgetError(f"budget must be one of {KINDS}, got {kind!r}.")
+    if not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
+        raise BudgetError(
+            f"sparsity must be a fraction in [0, 1) of {kind} to remove, got {sparsity!r}; "
+            "e.g. 0.5 removes half."
+        )
+
+
+def _first_k(coupling: Coupling, counts: dict[int, int]) -> dict[int, np.ndarray]:
+    return {g.id: np.arange(counts[g.id]) for g in coupling.prunable}
+
+
+def uniform_counts(cost: CostModel, sparsity: float, kind: str, *, round_to: int = 1,
+                   min_keep: int = 1, kind_weights: dict[str, float] | None = None
+                   ) -> dict[int, int]:
+    """Atoms kept per group for one removal rate shared by all groups, refined group by group
+    until the removed share is as close to ``sparsity`` as whole atoms allow.
+
+    ``kind_weights`` scales the rate per group kind: a group of kind ``k`` loses the fraction
+    ``min(1, w_k * t)`` of its atoms, one ``t`` for the whole model (kinds not named weigh 1).
+    Transformers lose far less accuracy per parameter from FFN neurons than from heads or
+    hidden dims, so e.g. ``{"neuron": 1, "head": 0.5, "hidden": 0.25}`` spends the budget on
+    neurons first while every kind still shrinks; equal weights are the paper's setting."""
+    groups = cost.coupling.prunable
+    weights = {g.id: float((kind_weights or {}).get(g.kind, 1.0)) for g in groups}
+    if any(w < 0 or not np.isfinite(w) for w in weights.values()):
+        raise BudgetError(f"kind_weights must be finite and >= 0, got {kind_weights!r}.")
+    if not any(w > 0 for w in weights.values()):
+        raise BudgetError(f"kind_weights {kind_weights!r} give every prunable group weight 0, so "
+                          "nothing can be cut; give at least one of the model's kinds "
+                          f"{sorted({g.kind for g in groups})} a positive weight.")
+    t_max = 1.0 / min(w for w in weights.values() if w > 0)
+    steps = {g.id: atom_step(g, round_to) for g in groups}
+
+    def counts(t: float) -> dict[int, int]:
+        return {g.id: _rounded((1.0 - min(1.0, weights[g.id] * t)) * g.atoms, g.atoms,
+                               steps[g.id], min_keep) for g in groups}
+
+    def removed(c: dict[int, int]) -> float:
+        return cost.removed(cost.mask(_first_k(cost.coupling, c)), kind)
+
+    most = removed(counts(t_max))
+    if sparsity > most + 1e-9:
+        whole = [g for g in groups if g.atoms <= min_keep]
+        note = (f"; min_keep={min_keep} keeps {len(whole)} of the {len(groups)} prunable groups "
+                f"whole (largest group: {max(g.atoms for g in groups)} atoms)") if whole else ""
+        spared = sorted({g.kind for g in groups if weights[g.id] == 0})
+        note += f"; kind_weights spare {spared}" if spared else ""
+        raise BudgetError(
+            f"at most {most:.1%} of {kind} can be removed from this model (every prunable group "
+            f"down to {min_keep} atom(s){note}); asked for {sparsity:.1%}. Lower the sparsity or "
+            "min_keep, or unfreeze modules."
+        )
+    lo, hi = 0.0, t_max
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if removed(counts(mid)) >= sparsity:
+            hi = mid
+        else:
+            lo = mid
+    best = min((counts(lo), counts(hi)), key=lambda c: abs(removed(c) - sparsity))
+    return _refine(best, removed, sparsity, groups, steps, min_keep)
+
+
+def _refine(counts: dict[int, int], removed, sparsity: float, groups, units: dict[int, int],
+            min_keep: int, steps: int = 64) -> dict[int, int]:
+    """Greedy +/- one rounding step (``units``, atoms per group) on single groups while it moves
+    closer to the target."""
+    err = abs(removed(counts) - sparsity)
+    if err < 0.002:
+        return counts
+    by_size = sorted(groups, key=lambda g: -g.atoms)[:24]
+    for _ in range(steps):
+        best, best_err = None, err
+        for g in by_size:
+            for step in (-units[g.id], units[g.id]):
+                k = counts[g.id] + step
+                if not max(1, min(min_keep, g.atoms)) <= k <= g.atoms:
+                    continue
+                trial = {**counts, g.id: k}
+                e = abs(removed(trial) - sparsity)
+                if e < best_err:
+                    best, best_err = trial, e
+        if best is None:
+            break
+        counts, err = best, best_err
+        if err < 0.002:
+            break
+    return counts
+
+
+def global_kept(cost: CostModel, scores: dict[int, np.ndarray], sparsity: float, kind: str, *,
+                round_to: int = 1, min_keep: int = 1) -> dict[int, np.ndarray]:
+    """Keep, in every group, the atoms whose score relative to the group's best clears one
+    global threshold; the threshold is set so the removed share meets ``sparsity``."""
+    groups = cost.coupling.prunable
+    norm = {g.id: scores[g.id] / max(float(np.max(scores[g.id])), 1e-12) for g in groups}
+    order = {g.id: np.argsort(-scores[g.id], kind="stable") for g in groups}
+    steps = {g.id: atom_step(g, round_to) for g in groups}
+
+    def kept(tau: float) -> dict[int, np.ndarray]:
+        out = {}
+        for g in groups:
+            k = _rounded(float((norm[g.id] >= tau).sum()), g.atoms, steps[g.id], min_keep)
+            out[g.id] = np.sort(order[g.id][:k])
+        return out
+
+    def removed(tau: float) -> float:
+        return cost.removed(cost.mask(kept(tau)), kind)
+
+    if removed(1.0 + 1e-9) < sparsity - 1e-9:
+        raise BudgetError(
+            f"at most {removed(1.0 + 1e-9):.1%} of {kind} can be removed with min_keep={min_keep};"
+            f" asked for {sparsity:.1%}."
+        )
+    lo, hi = 0.0, 1.0 + 1e-9
+    for _ in range(40):
+        mid = (lo + hi) / 2
+        if removed(mid) >= sparsity:
+            hi = mid
+        else:
+            lo = mid
+    return min((kept(lo), kept(hi)), key=lambda k: abs(cost.removed(cost.mask(k), kind) - sparsity))

@@ -1,0 +1,1 @@
+"""Cutting: plans, slicing into smaller dense tensors, compensation and recovery."""

@@ -1,0 +1,87 @@
+"""Compensation: refit the layers that read a cut group, by least squares, with no labels.
+
+When channels ``R`` of a group are removed and ``K`` kept, a layer reading the group loses
+``W_R x_R``. The best linear stand-in from what is left is the regression of the removed
+channels on the kept ones over the calibration data,
+
+    x_R ~ A x_K + c,   A = Cov(R, K) Cov(K, K)^-1,   c = mean(R) - A mean(K),
+
+so the reader's weights become ``W_K + W_R A`` and its bias gains ``W_R c`` (summed over the
+kernel for a convolution): exactly the least-squares refit of the layer's output from its kept
+inputs for a linear layer, and the per-position version of it for a convolution. The
+covariances are the ones calibration already collected for MI (each relation is one reader's
+input), so compensation costs one small solve per reader.
+
+It changes the weights of kept positions, so it runs on the model copy before slicing and the
+plan records that it was applied (``plan.extra["compensated"]``).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from surgery.stats.calibrate import Calibration
+from surgery.graph.groups import Coupling
+
+
+def weighted_reader(gm: fx.GraphModule, op: str) -> tuple[str | None, torch.nn.Module | None]:
+    """The conv/linear module behind relation reader ``op`` (None for functional readers)."""
+    node = next(n for n in gm.graph.nodes if n.name == op)
+    if node.op != "call_module":
+        return None, None
+    module = gm.get_submodule(node.target)
+    if isinstance(module, torch.nn.Linear):
+        return node.target, module
+    if isinstance(module, torch.nn.modules.conv._ConvNd) and module.groups == 1:
+        return node.target, module
+    return None, None
+
+
+def compensate(model: torch.nn.Module, coupling: Coupling, calibration: Calibration,
+               kept: dict[int, np.ndarray], ridge: float = 1e-2) -> list[str]:
+    """Fold the removed channels' linear reconstruction into every reader, in place.
+
+    ``model`` is the copy about to be sliced (same parameter names as the traced model).
+    Returns the names of the layers refitted."""
+    gm = coupling.capture.graph_module
+    done = []
+    for i, rel in enumerate(coupling.relations):
+        group = coupling.groups[rel.group]
+        if not group.prunable or i not in calibration.sums or rel.group not in kept:
+            continue
+        feats = calibration.x_features[i]
+        if feats.average_atoms:
+            continue
+        name, _ = weighted_reader(gm, rel.layer)
+        if name is None:
+            continue
+        module = model.get_submodule(name)
+        keep_mask = np.isin(feats.position_atoms, kept[rel.group])
+        if keep_mask.all() or not keep_mask.any():
+            continue
+        sums = calibration.sums[i]
+        cov, _, _ = sums.blocks()
+        mean = sums.mean()[:sums.dx]
+        k_cols = torch.as_tensor(np.nonzero(keep_mask)[0], device=cov.device)
+        r_cols = torch.as_tensor(np.nonzero(~keep_mask)[0], device=cov.device)
+        s_kk = cov.index_select(0, k_cols).index_select(1, k_cols)
+        s_rk = cov.index_select(0, r_cols).index_select(1, k_cols)
+        s_kk = s_kk + ridge * torch.diagonal(s_kk).mean().clamp_min(1e-12) * torch.eye(
+            len(k_cols), dtype=cov.dtype, device=cov.device)
+        a = torch.linalg.solve(s_kk, s_rk.T).T  # (R, K)
+        c = mean[r_cols] - a @ mean[k_cols]
+        k_pos = torch.as_tensor(feats.positions[keep_mask], device=module.weight.device)
+        r_pos = torch.as_tensor(feats.positions[~keep_mask], device=module.weight.device)
+        with torch.no_grad():
+            w = module.weight
+            w_r = w.index_select(1, r_pos).double()  # (out, R, *kernel)
+            a_dev = a.to(w.device)
+            delta = torch.einsum("or...,rk->ok...", w_r, a_dev)
+            w.index_add_(1, k_pos, delta.to(w.dtype))
+            if module.bias is not None:  # without one, a following BatchNorm's re-estimated
+                shift = torch.einsum("or...,r->o", w_r, c.to(w.device))  # mean absorbs it
+                module.bias.add_(shift.to(w.dtype))
+        done.append(name)
+    return done

@@ -1,0 +1,1 @@
+"""Built-in channel rules for torch operators and torch.nn layers."""

@@ -1,0 +1,1 @@
+"""Calibration statistics: moment sums streamed from real batches, on one process or many."""
