@@ -13,10 +13,11 @@ from surgery._core import moved as _moved
 
 _moved.install()  # old module paths (surgery.propagate, surgery.loading ...) keep working
 
+from surgery import io
 from surgery.api import couple, groups, make_plan, prune
-from surgery.cut.apply import apply_plan
-from surgery.graph.capture import trace
 from surgery.counting import count_macs, count_params, measure_latency
+from surgery.cut.apply import apply_plan
+from surgery.cut.plan import PruningPlan
 from surgery.errors import (
     BudgetError,
     CalibrationError,
@@ -26,9 +27,8 @@ from surgery.errors import (
     SurgeryError,
     VerificationError,
 )
-from surgery import io
+from surgery.graph.capture import trace
 from surgery.hookspecs import hookimpl
-from surgery.cut.plan import PruningPlan
 
 __version__ = "0.1.0"
 

@@ -9,21 +9,22 @@ from typing import Any, Callable, Iterable
 
 import torch
 
+from surgery.budget.allocate import check_sparsity, global_kept, uniform_counts
+from surgery.budget.cost import CostModel
 from surgery.budget.kind_search import output_gap, outputs, search_kind_weights
-from surgery.cut.apply import apply_plan
-from surgery.budget.allocate import CostModel, check_sparsity, global_kept, uniform_counts
-from surgery.stats.calibrate import calibrate
-from surgery.graph.capture import trace
-from surgery.cut.compensation import compensate as compensate_readers
 from surgery.counting import count_macs, count_params, node_macs
-from surgery.scoring.criteria import ScoreContext, get_criterion
-from surgery.errors import BudgetError, CalibrationError
-from surgery.scoring.estimators import SAMPLES
-from surgery.graph.groups import ChannelGroup, Coupling, find_groups
+from surgery.cut.apply import apply_plan
+from surgery.cut.compensation import compensate as compensate_readers
 from surgery.cut.plan import PruningPlan, build_plan
-from surgery.plugins import call_hook
 from surgery.cut.recovery import recalibrate_batchnorm
+from surgery.errors import BudgetError, CalibrationError
+from surgery.graph.capture import trace
+from surgery.graph.groups import ChannelGroup, Coupling, find_groups
+from surgery.plugins import call_hook
+from surgery.scoring.criteria import ScoreContext, get_criterion
+from surgery.scoring.estimators import SAMPLES
 from surgery.scoring.topdown import top_down
+from surgery.stats.calibrate import calibrate
 
 TARGETS = ("output", "labels")
 ALLOCATIONS = ("uniform", "global")

@@ -14,8 +14,8 @@ import torch
 import torch.fx as fx
 from torch.utils.flop_counter import FlopCounterMode
 
-from surgery._core.modes import restore_modes, training_modes
 from surgery._core.batches import call
+from surgery._core.modes import restore_modes, training_modes
 
 
 def count_params(model: torch.nn.Module) -> int:

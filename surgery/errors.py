@@ -35,3 +35,7 @@ class StorageError(SurgeryError):
 class PluginError(SurgeryError):
     """A plugin raised inside one of its hooks or channel rules; the message names the plugin
     and the hook (the plugin's own exception is chained as ``__cause__``)."""
+
+
+class LoadError(SurgeryError, ValueError):
+    """A model, checkpoint, data set or pruned-model folder could not be resolved."""

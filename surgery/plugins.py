@@ -19,7 +19,7 @@ from surgery import hookspecs
 from surgery.errors import PluginError, SurgeryError
 
 ENTRY_POINT_GROUP = "surgery"
-BUILTIN_PLUGINS = ("surgery.graph.rules.shapes", "surgery_plugins.timm_cnn",
+BUILTIN_PLUGINS = ("surgery.graph.rules", "surgery_plugins.timm_cnn",
                    "surgery_plugins.hf_encoders", "surgery_plugins.vision_transformers")
 
 

@@ -8,7 +8,8 @@ import torch
 
 import surgery
 from surgery.api import couple
-from surgery.budget.allocate import CostModel, uniform_counts
+from surgery.budget.allocate import uniform_counts
+from surgery.budget.cost import CostModel
 from surgery.counting import node_macs
 from surgery.errors import BudgetError, CalibrationError
 from surgery_plugins.attention import TRANSFORMER_KIND_WEIGHTS

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 from surgery.stats import calibrate as calibration
-from surgery.stats.calibrate import MomentSums, calibrate
+from surgery.stats.calibrate import calibrate
+from surgery.stats.moments import MomentSums
 from surgery.graph.groups import find_groups
 from surgery.graph.capture import trace
 from transformer_zoo import inputs, make

@@ -97,7 +97,7 @@ def test_pruned_folder_reloads_the_measured_model(pruned: Path) -> None:
     import cli_models
 
     from surgery.counting import count_params
-    from surgery.cli.specs import load_pruned
+    from surgery.cli.folders import load_pruned
     from surgery.cli.report import accuracy
 
     folder = load_pruned(pruned)
@@ -162,7 +162,7 @@ def test_prune_image_folder_torchvision_checkpoint(tmp_path: Path) -> None:
     import torchvision
     from PIL import Image
 
-    from surgery.cli.specs import load_pruned
+    from surgery.cli.folders import load_pruned
 
     for c, color in enumerate(("red", "blue")):
         (tmp_path / "images" / f"class{c}").mkdir(parents=True)
@@ -258,7 +258,7 @@ def test_bench_latency_per_batch_size(pruned: Path, tmp_path: Path) -> None:
 def test_export_onnx_matches_pytorch(pruned: Path, tmp_path: Path) -> None:
     import onnxruntime as ort
 
-    from surgery.cli.specs import load_pruned
+    from surgery.cli.folders import load_pruned
 
     res = surgery("export", str(pruned), "--onnx", "m.onnx", cwd=tmp_path)
     assert "onnxruntime matches PyTorch" in res.stdout
@@ -292,7 +292,8 @@ def test_timm_checkpoint_safetensors_and_num_classes(tmp_path: Path) -> None:
     import timm
     from safetensors.torch import save_file
 
-    from surgery.cli.specs import LoadError, load_model
+    from surgery.cli.specs import load_model
+    from surgery.errors import LoadError
 
     torch.manual_seed(5)
     net = timm.create_model("resnet10t", num_classes=3)
@@ -308,7 +309,7 @@ def test_timm_checkpoint_safetensors_and_num_classes(tmp_path: Path) -> None:
 
 def test_fashion_mnist_batches_fit_the_model() -> None:
     from surgery.demo.datasets import AssetMissing
-    from surgery.cli.specs import load_data
+    from surgery.cli.data import load_data
 
     try:
         data = load_data("fashion-mnist", {"kind": "image", "shape": [3, 32, 32]},
@@ -332,7 +333,8 @@ def _tokenizer():
 
 
 def test_text_csv_and_jsonl_batches(tmp_path: Path) -> None:
-    from surgery.cli.specs import LoadError, label_ids, load_data, read_text_rows
+    from surgery.cli.data import label_ids, load_data, read_text_rows
+    from surgery.errors import LoadError
 
     (tmp_path / "t.csv").write_text('text,label\n"a good movie",pos\nbad plot,neg\n"a, bad",neg\n')
     rows = read_text_rows(tmp_path / "t.csv")

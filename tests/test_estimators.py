@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import surgery
-from surgery.stats.calibrate import MomentSums
+from surgery.stats.moments import MomentSums
 from surgery.scoring.estimators import binned, gaussian, get_estimator, ksg
 
 pytestmark = pytest.mark.usefixtures("single_thread")

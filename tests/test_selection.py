@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 import torch
 
-from surgery.stats.calibrate import MomentSums
+from surgery.stats.moments import MomentSums
 from surgery.scoring.selection import _conditional, greedy_gaussian, greedy_gaussian_many
 
 

@@ -138,7 +138,7 @@ def surgery_function_rules() -> dict[Any, Callable]:
     masking = sys.modules.get("transformers.masking_utils")
     if masking is None:
         return {}
-    from surgery.graph.rules.shapes import no_channels
+    from surgery.graph.rules.tracks import no_channels
 
     names = ("create_bidirectional_mask", "create_causal_mask", "create_sliding_window_causal_mask")
     return {getattr(masking, n): no_channels for n in names if hasattr(masking, n)}

@@ -48,3 +48,15 @@ def first_tensor(value: Any) -> torch.Tensor | None:
             if t is not None:
                 return t
     return None
+
+
+def split_batch(batch: Any) -> tuple[Any, torch.Tensor | None]:
+    """A calibration batch is ``inputs``, ``(inputs, labels)``, or a dict with ``labels``."""
+    if isinstance(batch, dict):
+        batch = dict(batch)
+        labels = batch.pop("labels", None)
+        return batch, labels
+    if isinstance(batch, (tuple, list)) and len(batch) == 2 and isinstance(batch[1], torch.Tensor) \
+            and batch[1].dtype in (torch.int64, torch.int32, torch.long) and batch[1].ndim == 1:
+        return batch[0], batch[1]
+    return batch, None

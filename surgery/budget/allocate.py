@@ -11,77 +11,12 @@ scores (groups compete for the budget).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 
 import numpy as np
 
+from surgery.budget.cost import KINDS, CostModel
 from surgery.errors import BudgetError
 from surgery.graph.groups import ChannelGroup, Coupling
-
-KINDS = ("params", "macs")
-
-
-@dataclass
-class Cost:
-    params: int
-    macs: int
-
-    def of(self, kind: str) -> int:
-        return self.params if kind == "params" else self.macs
-
-
-class CostModel:
-    """Prices a keep mask over atom labels; see the module docstring."""
-
-    def __init__(self, coupling: Coupling, macs_per_node: dict[str, int],
-                 scope: tuple[str, ...] = ()) -> None:
-        """``scope``: parameter-name prefixes the params budget counts (e.g. the encoder's);
-        empty counts every parameter."""
-        self.coupling = coupling
-        self.n_labels = int(coupling.label_of.max()) + 1 if len(coupling.label_of) else 0
-        records = coupling.record_labels()
-        params = {n: p for n, p in coupling.capture.model.named_parameters()
-                  if not scope or n.startswith(scope)}
-        if not params:
-            raise BudgetError(f"no parameter name starts with {scope}; budget_scope takes "
-                              "prefixes of model.named_parameters() names, e.g. 'bert.encoder'.")
-        self.param_terms: list[tuple[int, list[np.ndarray]]] = []
-        tracked = 0
-        for name, p in params.items():
-            dims = [records[(name, d)] for d in range(p.ndim) if (name, d) in records]
-            if dims:
-                self.param_terms.append((p.numel(), dims))
-                tracked += p.numel()
-        dense_params = sum(p.numel() for p in params.values())
-        self.fixed_params = dense_params - tracked
-        prop = coupling.propagation
-        label_of = coupling.label_of
-        self.mac_terms = [
-            (macs, [label_of[f.ravel()] for f in prop.mac_factors[n]])
-            for n, macs in macs_per_node.items() if n in prop.mac_factors
-        ]
-        self.fixed_macs = sum(macs_per_node.values()) - sum(m for m, _ in self.mac_terms)
-        self.dense = self.cost(np.ones(self.n_labels, dtype=bool))
-
-    def cost(self, keep: np.ndarray) -> Cost:
-        params = self.fixed_params + sum(
-            n * np.prod([keep[d].mean() for d in dims]) for n, dims in self.param_terms
-        )
-        macs = self.fixed_macs + sum(
-            m * np.prod([keep[f].mean() for f in fs if len(f)]) for m, fs in self.mac_terms
-        )
-        return Cost(int(round(params)), int(round(macs)))
-
-    def removed(self, keep: np.ndarray, kind: str) -> float:
-        return 1.0 - self.cost(keep).of(kind) / max(1, self.dense.of(kind))
-
-    def mask(self, kept: dict[int, np.ndarray]) -> np.ndarray:
-        keep = np.ones(self.n_labels, dtype=bool)
-        for g in self.coupling.prunable:
-            if g.id in kept:
-                drop = np.setdiff1d(np.arange(g.atoms), kept[g.id])
-                keep[g.labels[drop]] = False
-        return keep
 
 
 def atom_step(group: ChannelGroup, round_to: int) -> int:

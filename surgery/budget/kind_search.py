@@ -35,7 +35,7 @@ def output_gap(dense: list[torch.Tensor], pruned: list[torch.Tensor]) -> float:
 
 def outputs(model: torch.nn.Module, batches: Iterable[Any]) -> list[torch.Tensor]:
     """The first tensor of ``model``'s output on each batch (inputs only, no labels)."""
-    from surgery.stats.calibrate import split_batch
+    from surgery._core.batches import split_batch
 
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     out = []

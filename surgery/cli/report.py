@@ -41,8 +41,7 @@ def accuracy(model: torch.nn.Module, batches: Iterable[Any],
              progress: Callable[[int], None] | None = None) -> tuple[float | None, int]:
     """Top-1 accuracy over labelled batches (None when the batches carry no labels or the model
     does not output class scores), and the number of samples seen."""
-    from surgery.stats.calibrate import split_batch
-    from surgery._core.batches import call, first_tensor, to_device
+    from surgery._core.batches import call, first_tensor, split_batch, to_device
     from surgery._core.modes import restore_modes, training_modes
 
     device = next((p.device for p in model.parameters()), torch.device("cpu"))

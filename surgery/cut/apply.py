@@ -15,10 +15,10 @@ from typing import Any, Callable
 import torch
 import torch.nn as nn
 
-from surgery._core.modes import restore_modes, training_modes
-from surgery.errors import CaptureError, PlanError, SurgeryError, VerificationError
 from surgery._core.batches import call
+from surgery._core.modes import restore_modes, training_modes
 from surgery.cut.plan import PruningPlan, fingerprint
+from surgery.errors import CaptureError, PlanError, SurgeryError, VerificationError
 
 
 def _conv(m: nn.Module, old: dict[str, tuple[int, ...]]) -> None:

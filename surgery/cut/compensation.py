@@ -22,8 +22,8 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from surgery.stats.calibrate import Calibration
 from surgery.graph.groups import Coupling
+from surgery.stats.calibrate import Calibration
 
 
 def weighted_reader(gm: fx.GraphModule, op: str) -> tuple[str | None, torch.nn.Module | None]:

@@ -14,9 +14,8 @@ from typing import Any, Iterable
 
 import torch
 
+from surgery._core.batches import as_args, split_batch, to_device
 from surgery._core.modes import restore_modes, training_modes
-from surgery.stats.calibrate import split_batch
-from surgery._core.batches import as_args, to_device
 
 
 def recalibrate_batchnorm(model: torch.nn.Module, calib_data: Iterable[Any],

@@ -22,9 +22,9 @@ import torch
 import torch.fx as fx
 from torch.fx.passes.shape_prop import ShapeProp
 
+from surgery._core.batches import as_args
 from surgery._core.modes import restore_modes, training_modes
 from surgery.errors import CaptureError, SurgeryError
-from surgery._core.batches import as_args
 
 
 class _KnownProxy(fx.Proxy):

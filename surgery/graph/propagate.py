@@ -22,8 +22,8 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from surgery.graph.capture import Capture
 from surgery.errors import PluginError, SurgeryError
+from surgery.graph.capture import Capture
 
 
 @dataclass

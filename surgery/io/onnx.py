@@ -18,9 +18,9 @@ from typing import Any
 
 import torch
 
+from surgery._core.batches import as_args, call
 from surgery._core.modes import restore_modes, training_modes
 from surgery.errors import SurgeryError
-from surgery._core.batches import as_args, call
 
 
 class ExportError(SurgeryError):

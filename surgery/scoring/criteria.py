@@ -8,14 +8,13 @@ groups above (top-down scoring decides those first). Higher is more important.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any, Callable, TypeVar
 
 import numpy as np
 import torch
 
+from surgery.graph.groups import ChannelGroup, Coupling
 from surgery.stats.calibrate import Calibration
-from surgery.scoring.estimators import get_estimator
-from surgery.graph.groups import OUTPUT, ChannelGroup, Coupling
 
 
 @dataclass
@@ -28,6 +27,23 @@ class ScoreContext:
     """The calibration batches themselves, for criteria that run the model (Taylor)."""
     cache: dict[str, Any] = field(default_factory=dict)
     """What a criterion computes once for all groups (Taylor's weight x gradient sums)."""
+
+
+CRITERIA: dict[str, Callable[..., "Criterion"]] = {}
+"""Built-in criteria by name, filled by :func:`register` where each is defined; plugins add
+theirs through the ``surgery_criteria`` hook."""
+
+_T = TypeVar("_T")
+
+
+def register(name: str) -> Callable[[_T], _T]:
+    """Class (or factory) decorator: make it the built-in criterion ``name``."""
+
+    def add(factory: _T) -> _T:
+        CRITERIA[name] = factory  # type: ignore[assignment]
+        return factory
+
+    return add
 
 
 class Criterion:
@@ -53,74 +69,6 @@ class Criterion:
         return [self.select(g, ctx, k) for g, k in zip(groups, ks)]
 
 
-class MutualInformation(Criterion):
-    """Top-down MI (Fan et al. 2021): an atom's score is the sum, over the layers reading it,
-    of its mutual information with the channels *kept* in the group that layer writes (the
-    model output or labels for the last layers)."""
-
-    name = "mi"
-    needs_calibration = True
-
-    def __init__(self, estimator: str = "gaussian", joint: bool = True) -> None:
-        self.estimate = get_estimator(estimator)
-        self.estimator = estimator
-        self.joint = joint
-
-    def _relations(self, group: ChannelGroup, ctx: ScoreContext):
-        """(moment sums, x column atoms, kept t columns) for every layer reading ``group``."""
-        assert ctx.calibration is not None
-        cal = ctx.calibration
-        for i, rel in enumerate(ctx.coupling.relations):
-            if rel.group != group.id or i not in cal.sums:
-                continue
-            sums = cal.sums[i]
-            if rel.target == OUTPUT:
-                t_cols = np.arange(sums.dt)
-            else:
-                t_atoms = cal.t_features[i].atom_of_column
-                kept = ctx.kept.get(rel.target)
-                t_cols = np.arange(len(t_atoms)) if kept is None else np.nonzero(np.isin(t_atoms, kept))[0]
-            yield sums, cal.x_features[i].atom_of_column, t_cols
-
-    def score(self, group: ChannelGroup, ctx: ScoreContext) -> np.ndarray:
-        total = np.zeros(group.atoms)
-        for sums, x_atoms, t_cols in self._relations(group, ctx):
-            total += self.estimate(sums, x_atoms, t_cols, group.atoms)
-        return total
-
-    def select(self, group: ChannelGroup, ctx: ScoreContext, k: int) -> tuple[np.ndarray, np.ndarray]:
-        """Greedy forward selection of the atoms whose *joint* MI with the targets is largest
-        (Gaussian: relevance minus redundancy); atoms of several columns (heads) by blocks,
-        up to ``BLOCK_COLUMNS`` columns per layer; independent top-k beyond. A group no layer with weights is seen reading (its
-        reader sits inside a leaf module) has no statistics: it falls back to magnitude."""
-        return self.select_many([group], ctx, [k])[0]
-
-    def select_many(self, groups: list[ChannelGroup], ctx: ScoreContext, ks: list[int]
-                    ) -> list[tuple[np.ndarray, np.ndarray]]:
-        """The joint selections of all ``groups`` are solved side by side (one pass of small
-        steps for all of them); see :meth:`select`."""
-        from surgery.scoring.selection import BLOCK_COLUMNS, greedy_gaussian_blocks, greedy_gaussian_many
-
-        out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
-        joint = []
-        for i, (group, k) in enumerate(zip(groups, ks)):
-            relations = list(self._relations(group, ctx))
-            single = all(len(a) == group.atoms and np.array_equal(a, np.arange(group.atoms))
-                         for _, a, _ in relations)
-            gaussian = self.joint and self.estimator == "gaussian"
-            if not relations:
-                out[i] = Magnitude().select(group, ctx, k)
-            elif gaussian and single:
-                joint.append((i, [(s, t) for s, _, t in relations], k))
-            elif gaussian and all(len(a) <= BLOCK_COLUMNS for _, a, _ in relations):
-                out[i] = greedy_gaussian_blocks(relations, k, group.atoms)
-            else:
-                out[i] = super().select(group, ctx, k)
-        solved = greedy_gaussian_many([(rels, k) for _, rels, k in joint])
-        out.update({i: result for (i, _, _), result in zip(joint, solved)})
-        return [out[i] for i in range(len(groups))]
-
-
 def _atom_sums(group: ChannelGroup, tensors: dict[str, torch.Tensor]) -> np.ndarray:
     """Per atom, the sum of the entries of ``tensors[param]`` at the atom's positions, over
     every parameter dimension of the group that ``tensors`` has a tensor for."""
@@ -134,6 +82,7 @@ def _atom_sums(group: ChannelGroup, tensors: dict[str, torch.Tensor]) -> np.ndar
     return total
 
 
+@register("magnitude")
 class Magnitude(Criterion):
     """L2 norm of every weight the atom owns, summed over the group's parameters
     (Torch-Pruning's group magnitude)."""
@@ -147,6 +96,7 @@ class Magnitude(Criterion):
         return np.sqrt(_atom_sums(group, squares))
 
 
+@register("act_weight")
 class ActivationWeight(Criterion):
     """Activation x weight: for each layer reading the group, the RMS of the atom's input
     channels over the calibration data times the norm of the weights that read them, summed
@@ -179,6 +129,7 @@ class ActivationWeight(Criterion):
         return total if seen else Magnitude().score(group, ctx)
 
 
+@register("taylor")
 class Taylor(Criterion):
     """First-order Taylor (Molchanov et al. 2019; Torch-Pruning's group Taylor): the loss
     change from zeroing an atom's weights, sum |w * dL/dw| over every weight it owns, with
@@ -198,10 +149,9 @@ class Taylor(Criterion):
 
         import torch.nn.functional as F
 
-        from surgery.stats.calibrate import split_batch
-        from surgery.errors import CalibrationError
-        from surgery._core.batches import as_args, first_tensor, to_device
+        from surgery._core.batches import as_args, first_tensor, split_batch, to_device
         from surgery._core.modes import restore_modes, training_modes
+        from surgery.errors import CalibrationError
 
         model = ctx.coupling.capture.model
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
@@ -237,6 +187,7 @@ class Taylor(Criterion):
         return _atom_sums(group, ctx.cache["taylor"])  # buffers have no gradient: not in it
 
 
+@register("random")
 class Random(Criterion):
     """Uniform random scores, seeded per group: the baseline every criterion must beat."""
 
@@ -244,21 +195,6 @@ class Random(Criterion):
 
     def score(self, group: ChannelGroup, ctx: ScoreContext) -> np.ndarray:
         return np.random.default_rng([ctx.seed, group.id]).random(group.atoms)
-
-
-def _mi_topk(estimator: str = "gaussian") -> MutualInformation:
-    """The paper's plain variant: independent top-k by summed MI."""
-    return MutualInformation(estimator, joint=False)
-
-
-CRITERIA: dict[str, Callable[..., Criterion]] = {
-    "mi": MutualInformation,
-    "mi_topk": _mi_topk,
-    "magnitude": Magnitude,
-    "act_weight": ActivationWeight,
-    "taylor": Taylor,
-    "random": Random,
-}
 
 
 def get_criterion(name: str, **options: Any) -> Criterion:
@@ -271,6 +207,6 @@ def get_criterion(name: str, **options: Any) -> Criterion:
     return factory(**options) if options else factory()
 
 
-__all__ = ["Criterion", "ScoreContext", "MutualInformation", "Magnitude", "ActivationWeight",
+__all__ = ["Criterion", "ScoreContext", "Magnitude", "ActivationWeight",
            "Taylor", "Random",
            "get_criterion", "torch"]

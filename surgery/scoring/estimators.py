@@ -34,7 +34,7 @@ from typing import Callable, Protocol
 import numpy as np
 import torch
 
-from surgery.stats.calibrate import MomentSums
+from surgery.stats.moments import MomentSums
 
 
 class Estimator(Protocol):

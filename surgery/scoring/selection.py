@@ -16,7 +16,7 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-from surgery.stats.calibrate import MomentSums
+from surgery.stats.moments import MomentSums
 
 
 def _conditional(sums: MomentSums, t_cols: np.ndarray, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:

@@ -1,0 +1,295 @@
+"""The ``surgery`` command line (Typer + Rich).
+
+``surgery demo`` (the README's main job), ``inspect`` (coupled groups, params, MACs, a drawing
+of the group structure), ``prune`` (writes the pruned model, its plan and a report into a
+folder, atomically), ``eval`` and ``bench`` (dense vs pruned), ``export`` (ONNX, checked in
+onnxruntime). MODEL and DATA specs are resolved by :mod:`surgery.loading`.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import functools
+import json
+import os
+import shlex
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any, Callable, Iterator, Optional
+
+import typer
+from rich.console import Console
+from rich.progress import (
+    BarColumn,
+    MofNCompleteColumn,
+    Progress,
+    SpinnerColumn,
+    TextColumn,
+    TimeElapsedColumn,
+)
+from rich.table import Table
+
+app = typer.Typer(add_completion=False, no_args_is_help=True,
+                  help="Prune PyTorch models by mutual information, for real.")
+console = Console()
+err_console = Console(stderr=True)
+
+
+KIND_NOUNS = {"hidden": "hidden dims"}
+"""How the summary names atoms of a kind (default: the kind plus "s")."""
+
+
+# ---- shared plumbing ------------------------------------------------------------------------
+
+MODEL_HELP = ("timm or torchvision model name, 'timm:NAME' / 'torchvision:NAME', a local Hugging "
+              "Face folder, or 'module:factory' (a callable returning a model or (model, "
+              "example_inputs)).")
+DATA_HELP = ("'fashion-mnist[:train|:test]', an ImageFolder directory, a .csv/.jsonl of texts "
+             "with labels, or 'module:function' yielding batches.")
+
+
+def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Errors become one red line and exit code 1 (SURGERY_DEBUG=1: the full traceback)."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+            raise
+        except Exception as exc:
+            from rich.markup import escape
+
+            cli_error = type(exc).__module__.startswith(("click", "typer"))
+            if os.environ.get("SURGERY_DEBUG") or cli_error:
+                raise
+            from surgery.errors import SurgeryError
+
+            kind = "" if isinstance(exc, (SurgeryError, ValueError, OSError)) else \
+                f"{type(exc).__name__}: "
+            err_console.print(f"[bold red]error:[/] {escape(kind + str(exc))}")
+            if kind:
+                err_console.print("(set SURGERY_DEBUG=1 for the traceback)")
+            raise typer.Exit(1) from None
+
+    return wrapper
+
+
+class Stages:
+    """Rich progress bars, one per stage; ``stages(stage, i)`` marks item ``i`` of it done (the
+    callback ``surgery.prune(progress=...)`` takes)."""
+
+    LABELS = {"calibrate": "calibrating (batches)", "score": "scoring groups top-down",
+              "search": "trying per-kind cut rates (candidates)"}
+
+    def __init__(self, progress: Progress, totals: dict[str, int | None] | None = None) -> None:
+        self.progress, self.totals, self.tasks = progress, dict(totals or {}), {}
+
+    def __call__(self, stage: str, i: int) -> None:
+        if stage not in self.tasks:
+            self.tasks[stage] = self.progress.add_task(self.LABELS.get(stage, stage),
+                                                      total=self.totals.get(stage))
+        self.progress.update(self.tasks[stage], completed=i + 1)
+
+    def callback(self, stage: str) -> Callable[[int], None]:
+        return lambda i: self(stage, i)
+
+    def finish(self) -> None:
+        done = {t.id: t.completed for t in self.progress.tasks}
+        for task in self.tasks.values():
+            self.progress.update(task, total=done.get(task, 0), completed=done.get(task, 0))
+
+
+@contextlib.contextmanager
+def stages(totals: dict[str, int | None] | None = None) -> Iterator[Stages]:
+    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
+               MofNCompleteColumn(), TimeElapsedColumn())
+    with Progress(*columns, console=console) as progress:
+        s = Stages(progress, totals)
+        try:
+            yield s
+        finally:
+            s.finish()
+
+
+def _device(name: str, threads: int = 0) -> str:
+    import torch
+
+    if threads < 0:
+        raise ValueError(f"--threads must be >= 0, got {threads}.")
+    if threads:
+        torch.set_num_threads(threads)
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    if name.startswith("cuda") and not torch.cuda.is_available():
+        raise ValueError("--device cuda, but torch sees no CUDA device; use --device cpu.")
+    return name
+
+
+def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
+    if not text:
+        return None
+    try:
+        return tuple(float(v) for v in text.split(","))
+    except ValueError as exc:
+        raise ValueError(f"{what} {text!r} must be numbers separated by commas.") from exc
+
+
+def _kind_weights(text: str | None) -> dict[str, float] | str | None:
+    """``--kind-weights``: ``search``, or ``kind=weight`` pairs separated by commas."""
+    if not text or text == "search":
+        return text or None
+    try:
+        return {k.strip(): float(v) for k, v in (item.split("=") for item in text.split(","))}
+    except ValueError as exc:
+        raise ValueError(f"--kind-weights {text!r} must be 'search' or kind=weight pairs "
+                         "separated by commas, e.g. neuron=1,head=0.5,hidden=0.25.") from exc
+
+
+def _ints(text: str, what: str) -> list[int]:
+    try:
+        values = [int(v) for v in text.split(",") if v.strip()]
+    except ValueError as exc:
+        raise ValueError(f"{what} {text!r} must be integers separated by commas.") from exc
+    if not values or min(values) < 1:
+        raise ValueError(f"{what} {text!r} must be positive integers, like 1,32.")
+    return values
+
+
+def command_line(ctx: typer.Context) -> str:
+    """The running command with every option spelled out (what the report says to rerun)."""
+    parts = ["surgery", ctx.info_name or ""]
+    for param in ctx.command.params:
+        value = ctx.params.get(param.name)
+        if param.param_type_name == "argument":
+            parts.append(str(value))
+        elif value is None or not param.opts:
+            continue
+        elif getattr(param, "is_flag", False):
+            if value:
+                parts.append(param.opts[0])
+            elif param.secondary_opts:
+                parts.append(param.secondary_opts[0])
+        else:
+            parts += [param.opts[0], str(value)]
+    return shlex.join(parts)
+
+
+@contextlib.contextmanager
+def atomic_folder(out: Path, overwrite: bool = False) -> Iterator[Path]:
+    """Yield a temporary folder beside ``out``; on success it is renamed to ``out`` (replacing
+    it when ``overwrite``), on any failure it is removed (and parents this created): a failed
+    run leaves nothing behind."""
+    out = Path(out).absolute()
+    _check_out(out, overwrite)
+    created: list[Path] = []
+    p = out.parent
+    while not p.exists():
+        created.append(p)
+        p = p.parent
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)
+    try:
+        yield tmp
+        os.chmod(tmp, 0o777 & ~umask)
+        for f in tmp.rglob("*"):
+            os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)
+        if out.exists():
+            old = out.with_name(f"{tmp.name[:-len('.partial')]}.old")
+            out.rename(old)
+            tmp.rename(out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            tmp.rename(out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        for c in created:
+            with contextlib.suppress(OSError):
+                c.rmdir()
+        raise
+
+
+def _check_out(out: Path, overwrite: bool) -> None:
+    if out.exists() and not out.is_dir():
+        raise ValueError(f"--out {str(out)!r} exists and is not a folder.")
+    if out.exists() and not overwrite:
+        raise ValueError(f"--out {str(out)!r} already exists; pass --overwrite or another --out.")
+
+
+def _load(spec: str, **options: Any):
+    from surgery.cli.specs import load_model, parse_size
+
+    options["input_size"] = parse_size(options.get("input_size"))
+    with console.status(f"loading {spec}..."):
+        return load_model(spec, **options)
+
+
+def _label2id(model: Any) -> dict[str, int] | None:
+    mapping = getattr(getattr(model, "config", None), "label2id", None)
+    return dict(mapping) if mapping else None
+
+
+def _summary_table(title: str, rows: list[list[str]]) -> Table:
+    table = Table(title=title)
+    for col in ("", "dense", "pruned", "change"):
+        table.add_column(col, justify="right")
+    for row in rows:
+        table.add_row(*row)
+    return table
+
+
+# Options shared by the commands that build a model from a spec.
+CHECKPOINT = typer.Option(None, "--checkpoint", help="Weights: .safetensors or .pth state dict.")
+INPUT_SIZE = typer.Option(None, "--input-size", help="Input shape without batch, e.g. 3,224,224.")
+NUM_CLASSES = typer.Option(None, "--num-classes", help="Classifier size for timm/torchvision.")
+SEQ_LEN = typer.Option(128, "--seq-len", help="Token sequence length for text models.")
+TOKENIZER = typer.Option(None, "--tokenizer", help="Tokenizer folder (default: the model's).")
+DEVICE = typer.Option("auto", "--device", help="auto, cpu or cuda.")
+THREADS = typer.Option(0, "--threads", help="CPU threads for torch (0: torch's default; 1 is "
+                                            "steadier on a busy machine).")
+RESIZE = typer.Option(None, "--resize", help="Images: shorter side before the centre crop.")
+MEAN = typer.Option(None, "--mean", help="Images: normalisation mean, e.g. 0.5,0.5,0.5.")
+STD = typer.Option(None, "--std", help="Images: normalisation std.")
+TEXT_COLUMN = typer.Option(None, "--text-column", help="Texts: the column with the text.")
+LABEL_COLUMN = typer.Option("label", "--label-column", help="Texts: the column with the label.")
+
+
+# ---- inspect --------------------------------------------------------------------------------
+
+
+# ---- prune ----------------------------------------------------------------------------------
+
+
+# ---- eval / bench / export ------------------------------------------------------------------
+
+def _open_folder(folder: Path, device: str):
+    from surgery.cli.folders import load_pruned
+
+    with console.status(f"rebuilding the pruned model from {folder}..."):
+        pruned = load_pruned(folder, device)
+    dense = None
+    try:
+        with console.status("rebuilding the dense model..."):
+            dense = pruned.dense().to(device)
+    except Exception as exc:  # the comparison is a bonus; the pruned model still runs
+        err_console.print(f"[yellow]warning:[/] no dense model to compare with: {exc}")
+    return pruned, dense
+
+
+def _write_json(path: Optional[Path], payload: dict[str, Any]) -> None:
+    if path is not None:
+        path.write_text(json.dumps(payload, indent=1))
+        console.print(f"results written to {path}")
+
+
+
+def _describe_inputs(inputs: dict[str, Any]) -> str:
+    if inputs["kind"] == "image":
+        return "x".join(str(v) for v in inputs["shape"])
+    if inputs["kind"] == "text":
+        return f"{inputs['seq_len']} tokens"
+    return "from the factory"

@@ -1,0 +1,72 @@
+"""``surgery bench``: latency per batch size, params and MACs, dense vs pruned."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Optional
+
+import typer
+from rich.table import Table
+
+from surgery.cli._common import (
+    DEVICE,
+    THREADS,
+    _device,
+    _ints,
+    _open_folder,
+    _write_json,
+    app,
+    console,
+    friendly,
+    stages,
+)
+
+
+@app.command()
+@friendly
+def bench(
+    folder: Path = typer.Argument(..., help="A folder written by 'surgery prune'."),
+    batch_sizes: str = typer.Option("1,32", help="Batch sizes, comma separated."),
+    repeats: int = typer.Option(10, help="Timed runs per batch size (median reported)."),
+    device: str = DEVICE,
+    threads: int = THREADS,
+    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write results as JSON."),
+) -> None:
+    """Latency per batch size, params and MACs, dense vs pruned."""
+    import torch
+
+    from surgery._core.batches import to_device
+    from surgery.counting import count_macs, count_params, measure_latency
+
+    sizes = _ints(batch_sizes, "--batch-sizes")
+    if repeats < 1:
+        raise ValueError("--repeats must be >= 1.")
+    dev = _device(device, threads)
+    pruned, dense = _open_folder(folder, dev)
+    models = {"dense": dense, "pruned": pruned.model} if dense is not None else \
+        {"pruned": pruned.model}
+    one = to_device(pruned.example_inputs(1), torch.device(dev))
+    results: dict[str, Any] = {name: {"params": count_params(m), "macs": count_macs(m, one),
+                                      "latency_ms": {}} for name, m in models.items()}
+    with stages({"benchmark": len(sizes) * len(models)}) as bars:
+        step = 0
+        for b in sizes:
+            x = to_device(pruned.example_inputs(b), torch.device(dev))
+            for name, m in models.items():
+                results[name]["latency_ms"][b] = measure_latency(m, x, repeats=repeats) * 1e3
+                bars("benchmark", step)
+                step += 1
+    table = Table(title=f"{folder}: latency on {dev} (median of {repeats})")
+    for col in ("", "dense", "pruned", "change"):
+        table.add_column(col, justify="right")
+    d, p = results.get("dense"), results["pruned"]
+    for key, label in (("params", "parameters"), ("macs", "MACs / sample")):
+        table.add_row(label, f"{d[key]:,}" if d else "n/a", f"{p[key]:,}",
+                      f"{p[key] / d[key]:.2f}x" if d and d[key] else "")
+    for b in sizes:
+        dl = d["latency_ms"][b] if d else None
+        pl = p["latency_ms"][b]
+        table.add_row(f"batch {b} (ms)", f"{dl:.2f}" if dl else "n/a", f"{pl:.2f}",
+                      f"{dl / pl:.2f}x faster" if dl and pl else "")
+    console.print(table)
+    _write_json(json_out, results)

@@ -1,0 +1,106 @@
+"""Pruned-model folders as ``surgery prune`` writes them: :mod:`surgery.io`'s files plus
+``source.json`` (where the dense model came from and how its inputs look). The one place that
+knows the folder's layout."""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from surgery.cli.specs import Loaded, _import_attr, build_model, load_tokenizer, make_example
+from surgery.errors import LoadError
+
+SOURCE_FILE = "source.json"
+"""Beside :mod:`surgery.io`'s files: where the dense model came from (checkpoint, seed) and how
+its inputs look and are preprocessed, so ``eval``/``bench``/``export`` feed it like ``prune``."""
+
+
+def factory_model(factory: str, **kwargs: Any) -> torch.nn.Module:
+    """Call the ``module:callable`` ``factory`` and return the model alone (factories may return
+    ``(model, example_inputs)``): the architecture :mod:`surgery.io` rebuilds factories with."""
+    result = _import_attr(factory, "MODEL")(**kwargs)
+    return result[0] if isinstance(result, tuple) else result
+
+
+def architecture(loaded: Loaded) -> Any:
+    """The :class:`surgery.io.Architecture` that rebuilds ``loaded``'s unpruned model."""
+    from surgery.io import Architecture
+
+    recipe = loaded.recipe
+    kwargs = {"num_classes": recipe["num_classes"]} if recipe.get("num_classes") is not None else {}
+    if recipe["source"] == "huggingface":
+        return Architecture.transformers(loaded.model)
+    if recipe["source"] == "timm":
+        return Architecture.timm(recipe["name"], **kwargs)
+    if recipe["source"] == "torchvision":
+        return Architecture.torchvision(recipe["name"], **kwargs)
+    return Architecture.factory("surgery.cli.folders:factory_model", factory=recipe["name"], **kwargs)
+
+
+def save_pruned(folder: str | os.PathLike, loaded: Loaded, pruned: torch.nn.Module,
+                plan: Any) -> None:
+    """Write a pruned model into ``folder`` (replaced whole): :func:`surgery.io.save`'s files
+    plus ``source.json``. ``loaded.model`` must still be the unpruned model.
+
+    This and :func:`load_pruned` are the only code that knows the folder's layout."""
+    import surgery.io
+
+    if any(p.is_cuda for p in pruned.parameters()):
+        pruned = pruned.cpu()
+    with warnings.catch_warnings():  # io.save builds the base on the meta device: a factory
+        warnings.simplefilter("ignore", UserWarning)  # that loads weights warns of no-op copies
+        surgery.io.save(pruned, folder, plan, architecture(loaded), overwrite=True)
+    (Path(folder) / SOURCE_FILE).write_text(json.dumps(
+        {"recipe": loaded.recipe, "inputs": loaded.inputs}, indent=1))
+
+
+@dataclass
+class PrunedFolder:
+    """A folder written by ``surgery prune``: the pruned model, its plan, and the dense one's
+    recipe (rebuilt on demand)."""
+
+    path: Path
+    model: torch.nn.Module
+    plan: Any
+    recipe: dict[str, Any]
+    inputs: dict[str, Any]
+    example: Any = None
+
+    def example_inputs(self, batch: int = 1) -> Any:
+        return make_example(self.inputs, batch, self.example)
+
+    def dense(self) -> torch.nn.Module:
+        """The dense model the plan was made from (checkpoint or seeded initialisation)."""
+        ckpt = self.recipe.get("checkpoint")
+        if ckpt and not Path(ckpt).exists():
+            raise LoadError(f"the dense model's checkpoint {ckpt!r} is gone; cannot compare.")
+        return build_model(self.recipe)[0]
+
+    def tokenizer(self) -> Any:
+        folder = self.inputs.get("tokenizer")
+        return load_tokenizer(folder) if folder else None
+
+
+def load_pruned(folder: str | os.PathLike, device: str = "cpu") -> PrunedFolder:
+    """The pruned model in ``folder`` (:func:`surgery.io.load`), its plan and its source."""
+    import surgery.io
+
+    folder = Path(folder)
+    meta_path = folder / SOURCE_FILE
+    if not folder.is_dir() or not meta_path.is_file():
+        raise LoadError(f"{str(folder)!r} is not a folder written by 'surgery prune' (no "
+                        f"{SOURCE_FILE}); make one with 'surgery prune MODEL --out DIR'.")
+    meta = json.loads(meta_path.read_text())
+    if os.getcwd() not in sys.path:  # factories named relative to the current directory
+        sys.path.insert(0, os.getcwd())
+    model = surgery.io.load(folder, device=device)
+    plan = surgery.io.load_plan(folder)
+    example = build_model(meta["recipe"])[1] if meta["inputs"]["kind"] == "factory" else None
+    return PrunedFolder(folder, model, plan, meta["recipe"], meta["inputs"], example)

@@ -1,0 +1,89 @@
+"""The MI criterion: top-down mutual information with the kept channels above (Fan et al. 2021),
+selected jointly (greedy Gaussian) or independently (``mi_topk``)."""
+
+from __future__ import annotations
+
+import numpy as np
+
+from surgery.graph.groups import OUTPUT, ChannelGroup
+from surgery.scoring.criteria import Criterion, Magnitude, ScoreContext, register
+from surgery.scoring.estimators import get_estimator
+
+
+@register("mi")
+class MutualInformation(Criterion):
+    """Top-down MI (Fan et al. 2021): an atom's score is the sum, over the layers reading it,
+    of its mutual information with the channels *kept* in the group that layer writes (the
+    model output or labels for the last layers)."""
+
+    name = "mi"
+    needs_calibration = True
+
+    def __init__(self, estimator: str = "gaussian", joint: bool = True) -> None:
+        self.estimate = get_estimator(estimator)
+        self.estimator = estimator
+        self.joint = joint
+
+    def _relations(self, group: ChannelGroup, ctx: ScoreContext):
+        """(moment sums, x column atoms, kept t columns) for every layer reading ``group``."""
+        assert ctx.calibration is not None
+        cal = ctx.calibration
+        for i, rel in enumerate(ctx.coupling.relations):
+            if rel.group != group.id or i not in cal.sums:
+                continue
+            sums = cal.sums[i]
+            if rel.target == OUTPUT:
+                t_cols = np.arange(sums.dt)
+            else:
+                t_atoms = cal.t_features[i].atom_of_column
+                kept = ctx.kept.get(rel.target)
+                t_cols = np.arange(len(t_atoms)) if kept is None else np.nonzero(np.isin(t_atoms, kept))[0]
+            yield sums, cal.x_features[i].atom_of_column, t_cols
+
+    def score(self, group: ChannelGroup, ctx: ScoreContext) -> np.ndarray:
+        total = np.zeros(group.atoms)
+        for sums, x_atoms, t_cols in self._relations(group, ctx):
+            total += self.estimate(sums, x_atoms, t_cols, group.atoms)
+        return total
+
+    def select(self, group: ChannelGroup, ctx: ScoreContext, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """Greedy forward selection of the atoms whose *joint* MI with the targets is largest
+        (Gaussian: relevance minus redundancy); atoms of several columns (heads) by blocks,
+        up to ``BLOCK_COLUMNS`` columns per layer; independent top-k beyond. A group no layer with weights is seen reading (its
+        reader sits inside a leaf module) has no statistics: it falls back to magnitude."""
+        return self.select_many([group], ctx, [k])[0]
+
+    def select_many(self, groups: list[ChannelGroup], ctx: ScoreContext, ks: list[int]
+                    ) -> list[tuple[np.ndarray, np.ndarray]]:
+        """The joint selections of all ``groups`` are solved side by side (one pass of small
+        steps for all of them); see :meth:`select`."""
+        from surgery.scoring.selection import (
+            BLOCK_COLUMNS,
+            greedy_gaussian_blocks,
+            greedy_gaussian_many,
+        )
+
+        out: dict[int, tuple[np.ndarray, np.ndarray]] = {}
+        joint = []
+        for i, (group, k) in enumerate(zip(groups, ks)):
+            relations = list(self._relations(group, ctx))
+            single = all(len(a) == group.atoms and np.array_equal(a, np.arange(group.atoms))
+                         for _, a, _ in relations)
+            gaussian = self.joint and self.estimator == "gaussian"
+            if not relations:
+                out[i] = Magnitude().select(group, ctx, k)
+            elif gaussian and single:
+                joint.append((i, [(s, t) for s, _, t in relations], k))
+            elif gaussian and all(len(a) <= BLOCK_COLUMNS for _, a, _ in relations):
+                out[i] = greedy_gaussian_blocks(relations, k, group.atoms)
+            else:
+                out[i] = super().select(group, ctx, k)
+        solved = greedy_gaussian_many([(rels, k) for _, rels, k in joint])
+        out.update({i: result for (i, _, _), result in zip(joint, solved)})
+        return [out[i] for i in range(len(groups))]
+
+
+@register("mi_topk")
+def _mi_topk(estimator: str = "gaussian") -> MutualInformation:
+    """The paper's plain variant: independent top-k by summed MI."""
+    return MutualInformation(estimator, joint=False)
