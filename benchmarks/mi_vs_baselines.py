@@ -79,6 +79,7 @@ def vit_task() -> Task:
 def _fashion_task(name: str, title: str, make: Callable[[], torch.nn.Module],
                   ignored: Callable[[torch.nn.Module], list]) -> Task:
     from surgery import demo as job
+    from surgery.counting import accuracy
     from surgery.demo.datasets import AssetMissing, fashion_mnist
 
     try:
@@ -90,11 +91,12 @@ def _fashion_task(name: str, title: str, make: Callable[[], torch.nn.Module],
     cx, cy = job.prepare(tx[-512:]), ty[-512:]
     rx, ry = job.prepare(tx[-4096:-512]), ty[-4096:-512]
     vx, vy = job.prepare(vx[:2000]), vy[:2000]
+    tests = [(vx[i:i + 256], vy[i:i + 256]) for i in range(0, len(vx), 256)]
     return Task(
         name=name, title=title, model=model,
         example=vx[:2], calib=[(cx[i:i + 64], cy[i:i + 64]) for i in range(0, 512, 64)],
         train=[(rx[i:i + 64], ry[i:i + 64]) for i in range(0, len(rx), 64)],
-        evaluate=lambda m: job.accuracy(m, vx, vy), latency_input=vx[:32],
+        evaluate=lambda m: accuracy(m, tests)[0], latency_input=vx[:32],
         scope=lambda m: sum(p.numel() for p in m.parameters()),
         ignored=ignored,
         loss=lambda m, b: F.cross_entropy(m(b[0]), b[1]),
@@ -103,7 +105,8 @@ def _fashion_task(name: str, title: str, make: Callable[[], torch.nn.Module],
 
 def minilm_task() -> Task:
     from surgery.demo.datasets import AssetMissing
-    from surgery.demo import minilm_rotten_tomatoes, text_accuracy
+    from surgery.counting import accuracy
+    from surgery.demo import minilm_rotten_tomatoes
 
     try:
         task = minilm_rotten_tomatoes()
@@ -117,7 +120,7 @@ def minilm_task() -> Task:
     return Task(
         name="minilm", title="all-MiniLM-L6-v2 fine-tuned on Rotten Tomatoes", model=model,
         example={k: v[:2] for k, v in calib[0].items() if k != "labels"}, calib=calib,
-        train=train, evaluate=lambda m: text_accuracy(m, test),
+        train=train, evaluate=lambda m: accuracy(m, test)[0],
         latency_input={k: v[:32] for k, v in test[0].items() if k != "labels"},
         scope=lambda m: sum(p.numel() for n, p in m.named_parameters() if n.startswith(scope)),
         ignored=lambda m: [m.classifier, m.bert.pooler],

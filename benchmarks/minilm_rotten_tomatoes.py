@@ -37,7 +37,8 @@ def main() -> None:
 
     import surgery
     from surgery.demo.datasets import AssetMissing
-    from surgery.demo import minilm_rotten_tomatoes, text_accuracy
+    from surgery.counting import accuracy
+    from surgery.demo import minilm_rotten_tomatoes
 
     try:
         task = minilm_rotten_tomatoes()
@@ -63,7 +64,7 @@ def main() -> None:
     calibration_forwards()  # warm-up: the first pass over the data is slower
     calib_before = calibration_forwards()
 
-    dense = {"acc": text_accuracy(model, test), "enc": encoder_params(model),
+    dense = {"acc": accuracy(model, test)[0], "enc": encoder_params(model),
              "macs": surgery.count_macs(model, one)}
     rows = []
     pruned_models = {}
@@ -92,7 +93,7 @@ def main() -> None:
         speedup = dense_lat[-1] / lat
         rows.append({
             "encoder params removed": f"{1 - encoder_params(pruned) / dense['enc']:.1%}",
-            "accuracy": f"{text_accuracy(pruned, test):.3f} (dense {dense['acc']:.3f})",
+            "accuracy": f"{accuracy(pruned, test)[0]:.3f} (dense {dense['acc']:.3f})",
             "encoder params": f"{encoder_params(pruned) / 1e6:.2f} M",
             "MACs": f"{macs / 1e6:.0f} M ({mac_ratio:.2f}x fewer)",
             "latency b32 l64": f"{lat * 1e3:.0f} ms vs {dense_lat[-1] * 1e3:.0f} ms "

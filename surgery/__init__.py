@@ -18,6 +18,7 @@ from surgery.api import couple, groups, make_plan, prune
 from surgery.counting import count_macs, count_params, measure_latency
 from surgery.cut.apply import apply_plan
 from surgery.cut.plan import PruningPlan
+from surgery.options import PruneOptions
 from surgery.errors import (
     BudgetError,
     CalibrationError,
@@ -33,7 +34,7 @@ from surgery.hookspecs import hookimpl
 __version__ = "0.1.0"
 
 __all__ = [
-    "prune", "make_plan", "groups", "couple", "trace", "apply_plan", "PruningPlan", "io",
+    "prune", "make_plan", "PruneOptions", "groups", "couple", "trace", "apply_plan", "PruningPlan", "io",
     "count_params", "count_macs", "measure_latency", "hookimpl",
     "SurgeryError", "CaptureError", "BudgetError", "CalibrationError", "PlanError",
     "VerificationError", "PluginError",

@@ -1,4 +1,4 @@
-"""Counting parameters and MACs, and timing a forward pass.
+"""Measuring a model: parameters, MACs, latency and accuracy.
 
 MACs come from ``torch.utils.flop_counter.FlopCounterMode`` (flops / 2), the counter torch
 maintains for its own ops, rather than per-layer formulas of our own.
@@ -8,14 +8,16 @@ from __future__ import annotations
 
 import statistics
 import time
-from typing import Any
+from dataclasses import dataclass
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.fx as fx
 from torch.utils.flop_counter import FlopCounterMode
 
-from surgery._core.batches import call
-from surgery._core.modes import restore_modes, training_modes
+from surgery._core.batches import call, first_tensor, split_batch, to_device
+from surgery._core.modes import evaluating
+from surgery.errors import SurgeryError
 
 
 def count_params(model: torch.nn.Module) -> int:
@@ -83,20 +85,69 @@ def measure_latency(
     model: torch.nn.Module, example_inputs: Any, *, repeats: int = 10, warmup: int = 2
 ) -> float:
     """Median wall time (seconds) of a forward pass in inference mode."""
-    modes = training_modes(model)
-    model.eval()
     times = []
-    try:
-        with torch.inference_mode():
-            for i in range(warmup + repeats):
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                start = time.perf_counter()
-                call(model, example_inputs)
-                if torch.cuda.is_available():
-                    torch.cuda.synchronize()
-                if i >= warmup:
-                    times.append(time.perf_counter() - start)
-    finally:
-        restore_modes(modes)
+    with evaluating(model), torch.inference_mode():
+        for i in range(warmup + repeats):
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            start = time.perf_counter()
+            call(model, example_inputs)
+            if torch.cuda.is_available():
+                torch.cuda.synchronize()
+            if i >= warmup:
+                times.append(time.perf_counter() - start)
     return statistics.median(times)
+
+
+@dataclass
+class Measurement:
+    """What was measured of one model (None: not measured)."""
+
+    params: int
+    macs: int
+    accuracy: float | None = None
+    samples: int | None = None
+    latency_ms: float | None = None
+    latency_batch: int | None = None
+
+
+def accuracy(model: torch.nn.Module, batches: Iterable[Any],
+             progress: Callable[[int], None] | None = None) -> tuple[float | None, int]:
+    """Top-1 accuracy over labelled batches (None when the batches carry no labels or the model
+    does not output class scores), and the number of samples seen."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    correct = seen = 0
+    with evaluating(model), torch.inference_mode():
+        for i, batch in enumerate(batches):
+            inputs, labels = split_batch(batch)
+            if labels is None:
+                return None, 0
+            try:
+                out = first_tensor(call(model, to_device(inputs, device)))
+            except Exception as exc:
+                raise SurgeryError(
+                    f"evaluation batch {i} does not run through the model: "
+                    f"{type(exc).__name__}: {exc}. Batches must look like the model's inputs "
+                    "(same type, dtype and dims; batch size may differ)."
+                ) from exc
+            if out is None or out.ndim != 2:
+                return None, 0
+            correct += (out.argmax(-1).cpu() == labels.cpu()).sum().item()
+            seen += len(labels)
+            if progress is not None:
+                progress(i)
+    return (correct / seen if seen else None), seen
+
+
+def measure(model: torch.nn.Module, example: Any, *, batches: Iterable[Any] | None = None,
+            latency_inputs: Any = None, latency_batch: int | None = None, repeats: int = 10,
+            progress: Callable[[int], None] | None = None) -> Measurement:
+    """Params, MACs (on the one-sample ``example``), accuracy on ``batches`` and the median
+    latency on ``latency_inputs``, each when given."""
+    m = Measurement(count_params(model), count_macs(model, example))
+    if batches is not None:
+        m.accuracy, m.samples = accuracy(model, batches, progress)
+    if latency_inputs is not None:
+        m.latency_ms = measure_latency(model, latency_inputs, repeats=repeats) * 1e3
+        m.latency_batch = latency_batch
+    return m

@@ -98,7 +98,7 @@ def test_pruned_folder_reloads_the_measured_model(pruned: Path) -> None:
 
     from surgery.counting import count_params
     from surgery.cli.folders import load_pruned
-    from surgery.cli.report import accuracy
+    from surgery.counting import accuracy
 
     folder = load_pruned(pruned)
     metrics = json.loads((pruned / "metrics.json").read_text())

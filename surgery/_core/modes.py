@@ -7,6 +7,9 @@ that switches a model to eval for a forward pass restores each submodule's own f
 
 from __future__ import annotations
 
+import contextlib
+from typing import Iterator
+
 import torch
 
 
@@ -18,3 +21,14 @@ def training_modes(model: torch.nn.Module) -> list[tuple[torch.nn.Module, bool]]
 def restore_modes(modes: list[tuple[torch.nn.Module, bool]]) -> None:
     for module, training in modes:
         module.training = training
+
+
+@contextlib.contextmanager
+def evaluating(model: torch.nn.Module) -> Iterator[torch.nn.Module]:
+    """``model`` in eval mode for the block, every submodule's own flag restored after."""
+    modes = training_modes(model)
+    model.eval()
+    try:
+        yield model
+    finally:
+        restore_modes(modes)

@@ -14,7 +14,7 @@ import math
 
 import numpy as np
 
-from surgery.budget.cost import KINDS, CostModel
+from surgery.budget.cost import CostModel
 from surgery.errors import BudgetError
 from surgery.graph.groups import ChannelGroup, Coupling
 
@@ -29,16 +29,6 @@ def atom_step(group: ChannelGroup, round_to: int) -> int:
 def _rounded(x: float, atoms: int, step: int, min_keep: int) -> int:
     k = int(round(x / step)) * step if step > 1 else int(round(x))
     return int(min(atoms, max(min(min_keep, atoms), k)))
-
-
-def check_sparsity(sparsity: float, kind: str) -> None:
-    if kind not in KINDS:
-        raise BudgetError(f"budget must be one of {KINDS}, got {kind!r}.")
-    if not isinstance(sparsity, (int, float)) or not 0.0 <= sparsity < 1.0:
-        raise BudgetError(
-            f"sparsity must be a fraction in [0, 1) of {kind} to remove, got {sparsity!r}; "
-            "e.g. 0.5 removes half."
-        )
 
 
 def _first_k(coupling: Coupling, counts: dict[int, int]) -> dict[int, np.ndarray]:

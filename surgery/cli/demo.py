@@ -49,6 +49,7 @@ def _demo_resnet18(sparsity: float, criterion: str, out: Path) -> None:
 
     import surgery
     from surgery import demo as job
+    from surgery.counting import Measurement, measure
     from surgery.demo.datasets import fashion_mnist
 
     calib_images, test_images = 512, 2000
@@ -61,9 +62,14 @@ def _demo_resnet18(sparsity: float, criterion: str, out: Path) -> None:
     calib_y = train_y[-calib_images:]
     test_x, test_y = job.prepare(test_x[:test_images]), test_y[:test_images]
     calib = [(calib_x[i:i + 64], calib_y[i:i + 64]) for i in range(0, len(calib_x), 64)]
+    tests = [(test_x[i:i + 256], test_y[i:i + 256]) for i in range(0, len(test_x), 256)]
+
+    def measured(net: torch.nn.Module) -> Measurement:
+        return measure(net, test_x[:1], batches=tests, latency_inputs=test_x[:32],
+                       latency_batch=32)
 
     with console.status("measuring the dense model..."):
-        dense = job.measure(model, test_x, test_y, batch=32)
+        dense = measured(model)
     results = {}
     for crit in dict.fromkeys([criterion, "mi_topk", "act_weight", "magnitude", "random"]):
         start = time.perf_counter()
@@ -72,7 +78,7 @@ def _demo_resnet18(sparsity: float, criterion: str, out: Path) -> None:
                                          criterion=crit, target="output")
         seconds = time.perf_counter() - start
         with console.status(f"measuring the model pruned by {crit}..."):
-            results[crit] = (job.measure(pruned, test_x, test_y, batch=32), seconds, plan)
+            results[crit] = (measured(pruned), seconds, plan)
     after, seconds, plan = results[criterion]
 
     groups = Table(title=f"coupled channel groups cut by {criterion} ({len(plan.groups)} prunable)")

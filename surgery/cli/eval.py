@@ -51,8 +51,9 @@ def eval_(
     import torch
 
     from surgery._core.batches import to_device
-    from surgery.cli.report import Measurement, measure, summary_rows
     from surgery.cli.data import load_data
+    from surgery.cli.report import summary_rows
+    from surgery.counting import Measurement, measure
 
     dev = _device(device, threads)
     pruned, dense = _open_folder(folder, dev)

@@ -97,9 +97,10 @@ def prune(
 
     import surgery
     from surgery._core.batches import to_device
-    from surgery.cli.report import measure, write_report
     from surgery.cli.data import load_data
     from surgery.cli.folders import save_pruned
+    from surgery.cli.report import write_report
+    from surgery.counting import measure
 
     command = command_line(ctx)
     _check_out(Path(out).absolute(), overwrite)

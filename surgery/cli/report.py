@@ -1,4 +1,4 @@
-"""Measuring dense vs pruned models and writing the report of a prune (Markdown + HTML + PNG).
+"""The report of a prune (Markdown + HTML + PNG).
 
 The report says what was cut per coupled group (a bar chart of the kept fraction per group,
 coloured by the group's kind: channel, head, neuron, hidden), parameters and MACs before and
@@ -12,83 +12,15 @@ import html
 import json
 import platform
 import subprocess
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
-import torch
+from surgery.counting import Measurement
 
 KIND_COLORS = {"channel": "#1f77b4", "head": "#ff7f0e", "neuron": "#2ca02c", "hidden": "#d62728"}
 OTHER_COLOR = "#7f7f7f"
 KEPT_PLOT, COST_PLOT = "kept_per_group.png", "params_macs.png"
-
-
-@dataclass
-class Measurement:
-    """What was measured of one model (None: not measured)."""
-
-    params: int
-    macs: int
-    accuracy: float | None = None
-    samples: int | None = None
-    latency_ms: float | None = None
-    latency_batch: int | None = None
-
-
-# ---- measuring ------------------------------------------------------------------------------
-
-def accuracy(model: torch.nn.Module, batches: Iterable[Any],
-             progress: Callable[[int], None] | None = None) -> tuple[float | None, int]:
-    """Top-1 accuracy over labelled batches (None when the batches carry no labels or the model
-    does not output class scores), and the number of samples seen."""
-    from surgery._core.batches import call, first_tensor, split_batch, to_device
-    from surgery._core.modes import restore_modes, training_modes
-
-    device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    modes = training_modes(model)
-    model.eval()
-    correct = seen = 0
-    try:
-        with torch.inference_mode():
-            for i, batch in enumerate(batches):
-                inputs, labels = split_batch(batch)
-                if labels is None:
-                    return None, 0
-                try:
-                    out = first_tensor(call(model, to_device(inputs, device)))
-                except Exception as exc:
-                    from surgery.errors import SurgeryError
-
-                    raise SurgeryError(
-                        f"evaluation batch {i} does not run through the model: "
-                        f"{type(exc).__name__}: {exc}. Batches must look like the model's "
-                        "inputs (same type, dtype and dims; batch size may differ)."
-                    ) from exc
-                if out is None or out.ndim != 2:
-                    return None, 0
-                correct += (out.argmax(-1).cpu() == labels.cpu()).sum().item()
-                seen += len(labels)
-                if progress is not None:
-                    progress(i)
-    finally:
-        restore_modes(modes)
-    return (correct / seen if seen else None), seen
-
-
-def measure(model: torch.nn.Module, example: Any, *, batches: Iterable[Any] | None = None,
-            latency_inputs: Any = None, latency_batch: int | None = None, repeats: int = 10,
-            progress: Callable[[int], None] | None = None) -> Measurement:
-    """Params, MACs (on the one-sample ``example``), accuracy on ``batches`` and the median
-    latency on ``latency_inputs``, each when given."""
-    from surgery.counting import count_macs, count_params, measure_latency
-
-    m = Measurement(count_params(model), count_macs(model, example))
-    if batches is not None:
-        m.accuracy, m.samples = accuracy(model, batches, progress)
-    if latency_inputs is not None:
-        m.latency_ms = measure_latency(model, latency_inputs, repeats=repeats) * 1e3
-        m.latency_batch = latency_batch
-    return m
 
 
 # ---- provenance -----------------------------------------------------------------------------

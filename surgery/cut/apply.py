@@ -16,7 +16,7 @@ import torch
 import torch.nn as nn
 
 from surgery._core.batches import call
-from surgery._core.modes import restore_modes, training_modes
+from surgery._core.modes import evaluating
 from surgery.cut.plan import PruningPlan, fingerprint
 from surgery.errors import CaptureError, PlanError, SurgeryError, VerificationError
 
@@ -163,10 +163,8 @@ def _shapes(value: Any) -> Any:
 
 def verify(dense_shapes: Any, pruned: nn.Module, example_inputs: Any) -> None:
     """Run the pruned model and compare its output shapes with the dense model's."""
-    modes = training_modes(pruned)
-    pruned.eval()
     try:
-        with torch.no_grad():
+        with evaluating(pruned), torch.no_grad():
             out = call(pruned, example_inputs)
     except Exception as exc:
         raise VerificationError(
@@ -174,8 +172,6 @@ def verify(dense_shapes: Any, pruned: nn.Module, example_inputs: Any) -> None:
             "attribute was probably left stale; a plugin's surgery_fix_module hook can fix it, "
             "or freeze that module with surgery_frozen_modules."
         ) from exc
-    finally:
-        restore_modes(modes)
     if _shapes(out) != dense_shapes:
         raise VerificationError(
             f"the pruned model's output shapes {_shapes(out)} differ from the dense model's "
@@ -191,10 +187,8 @@ def apply_plan(
     check_plan(model, plan)
     dense_shapes = None
     if example_inputs is not None:
-        modes = training_modes(model)
-        model.eval()
         try:
-            with torch.no_grad():
+            with evaluating(model), torch.no_grad():
                 dense_shapes = _shapes(call(model, example_inputs))
         except Exception as exc:
             raise CaptureError(
@@ -202,8 +196,6 @@ def apply_plan(
                 f"{type(exc).__name__}: {exc}. Pass one batch exactly as the model's forward "
                 "takes it (tensor, tuple of positional inputs, or dict of keyword inputs)."
             ) from exc
-        finally:
-            restore_modes(modes)
     target = model if inplace else copy.deepcopy(model)
     try:
         slice_model(target, plan)

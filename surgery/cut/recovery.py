@@ -15,7 +15,7 @@ from typing import Any, Iterable
 import torch
 
 from surgery._core.batches import as_args, split_batch, to_device
-from surgery._core.modes import restore_modes, training_modes
+from surgery._core.modes import evaluating
 
 
 def recalibrate_batchnorm(model: torch.nn.Module, calib_data: Iterable[Any],
@@ -28,25 +28,22 @@ def recalibrate_batchnorm(model: torch.nn.Module, calib_data: Iterable[Any],
     if not norms:
         return 0
     saved = {m: m.momentum for m in norms}
-    modes = training_modes(model)
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
-    model.eval()
-    for m in norms:
-        m.reset_running_stats()
-        m.momentum = None
-        m.train()
-    try:
-        with torch.no_grad():
+    with evaluating(model), torch.no_grad():
+        for m in norms:
+            m.reset_running_stats()
+            m.momentum = None
+            m.train()
+        try:
             for b, batch in enumerate(calib_data):
                 if max_batches is not None and b >= max_batches:
                     break
                 inputs, _ = split_batch(batch)
                 args, kwargs = as_args(to_device(inputs, device))
                 model(*args, **kwargs)
-    finally:
-        for m in norms:
-            m.momentum = saved[m]
-        restore_modes(modes)
+        finally:
+            for m in norms:
+                m.momentum = saved[m]
     return len(norms)
 
 

@@ -1,9 +1,7 @@
-"""The demo jobs: real trained models on real data."""
+"""The demo jobs: real trained models on real data (trained once here, then cached)."""
 
-from surgery.demo.tasks import (CACHE, Measured, TextTask, accuracy, measure,
-                                minilm_folder_and_data, minilm_rotten_tomatoes, prepare,
-                                resnet18_fashion, text_accuracy, vit_fashion)
+from surgery.demo.tasks import (CACHE, TextTask, minilm_folder_and_data, minilm_rotten_tomatoes,
+                                prepare, resnet18_fashion, vit_fashion)
 
-__all__ = ["CACHE", "Measured", "TextTask", "accuracy", "measure", "minilm_folder_and_data",
-           "minilm_rotten_tomatoes", "prepare", "resnet18_fashion", "text_accuracy",
-           "vit_fashion"]
+__all__ = ["CACHE", "TextTask", "minilm_folder_and_data", "minilm_rotten_tomatoes", "prepare",
+           "resnet18_fashion", "vit_fashion"]

@@ -93,34 +93,6 @@ def _cache(model: torch.nn.Module, path: Path) -> None:
     tmp.replace(path)
 
 
-def accuracy(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int = 256) -> float:
-    model.eval()
-    correct = 0
-    with torch.no_grad():
-        for i in range(0, len(x), batch):
-            correct += (model(x[i:i + batch]).argmax(-1) == y[i:i + batch]).sum().item()
-    return correct / len(x)
-
-
-@dataclass
-class Measured:
-    accuracy: float
-    params: int
-    macs: int
-    latency_ms: float
-
-
-def measure(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor, batch: int) -> Measured:
-    import surgery
-
-    return Measured(
-        accuracy(model, x, y),
-        surgery.count_params(model),
-        surgery.count_macs(model, x[:1]),
-        surgery.measure_latency(model, x[:batch], repeats=10) * 1e3,
-    )
-
-
 @dataclass
 class TextTask:
     """The fine-tuned MiniLM classifier and tokenised Rotten Tomatoes splits (length 64)."""
@@ -133,18 +105,6 @@ class TextTask:
         data = getattr(self, split)
         n = len(data["labels"]) if limit is None else min(limit, len(data["labels"]))
         return [{k: v[i:i + size] for k, v in data.items()} for i in range(0, n, size)]
-
-
-def text_accuracy(model: torch.nn.Module, batches: list[dict]) -> float:
-    model.eval()
-    correct = total = 0
-    with torch.no_grad():
-        for b in batches:
-            inputs = {k: v for k, v in b.items() if k != "labels"}
-            logits = model(**inputs).logits
-            correct += (logits.argmax(-1) == b["labels"]).sum().item()
-            total += len(b["labels"])
-    return correct / total
 
 
 def minilm_rotten_tomatoes(epochs: int = 2, seed: int = 0, max_length: int = 64,

@@ -23,7 +23,7 @@ import torch.fx as fx
 from torch.fx.passes.shape_prop import ShapeProp
 
 from surgery._core.batches import as_args
-from surgery._core.modes import restore_modes, training_modes
+from surgery._core.modes import evaluating
 from surgery.errors import CaptureError, SurgeryError
 
 
@@ -341,11 +341,9 @@ def trace(
     gm = _graph_module(tracer, graph, name)
     placeholders = [n for n in gm.graph.nodes if n.op == "placeholder"]
     ordered = _order_inputs(placeholders, args, kwargs)
-    modes = training_modes(model)
-    model.eval()
     shape_prop = _ShapeProp(gm)
     try:
-        with torch.no_grad():
+        with evaluating(model), torch.no_grad():
             shape_prop.propagate(*ordered)
     except Exception as exc:
         cause, node = exc.__cause__ or exc, shape_prop.current
@@ -355,8 +353,6 @@ def trace(
             f"{type(cause).__name__}: {cause}. Check that example_inputs match what the model's "
             f"forward expects (given: {_describe_inputs(ordered)})."
         ) from exc
-    finally:
-        restore_modes(modes)
     return Capture(model, gm, tuple(ordered), {}, _to_digraph(gm))
 
 

@@ -19,7 +19,7 @@ from typing import Any
 import torch
 
 from surgery._core.batches import as_args, call
-from surgery._core.modes import restore_modes, training_modes
+from surgery._core.modes import evaluating
 from surgery.errors import SurgeryError
 
 
@@ -101,13 +101,8 @@ def check_onnx(path: str | os.PathLike, model: torch.nn.Module, inputs: Any, *,
             raise ExportError(f"the ONNX graph wants input {gi.name!r}, which the example lacks.")
         feed[gi.name] = t.detach().cpu().numpy()
     got = session.run(None, feed)
-    modes = training_modes(model)
-    model.eval()
-    try:
-        with torch.no_grad():
-            want = _flat_tensors(call(model, inputs))
-    finally:
-        restore_modes(modes)
+    with evaluating(model), torch.no_grad():
+        want = _flat_tensors(call(model, inputs))
     if len(got) < 1 or len(want) < 1:
         raise ExportError("nothing to compare: the model or the ONNX graph returned no tensor.")
     worst = 0.0

@@ -150,35 +150,30 @@ class Taylor(Criterion):
         import torch.nn.functional as F
 
         from surgery._core.batches import as_args, first_tensor, split_batch, to_device
-        from surgery._core.modes import restore_modes, training_modes
+        from surgery._core.modes import evaluating
         from surgery.errors import CalibrationError
 
         model = ctx.coupling.capture.model
         params = {n: p for n, p in model.named_parameters() if p.requires_grad}
         grads = {n: torch.zeros_like(p) for n, p in params.items()}
         device = next(iter(params.values())).device
-        modes = training_modes(model)
-        model.eval()
-        try:
-            with torch.enable_grad():
-                for batch in itertools.islice(iter(ctx.data), self.batches):
-                    inputs, labels = split_batch(batch)
-                    args, kwargs = as_args(to_device(inputs, device))
-                    logits = first_tensor(model(*args, **kwargs))
-                    if logits is None or logits.ndim != 2:
-                        raise CalibrationError(
-                            "criterion 'taylor' needs a model returning class logits (batch, "
-                            f"classes); got {None if logits is None else tuple(logits.shape)}.")
-                    target = (labels.to(device) if labels is not None
-                              else logits.detach().argmax(-1))
-                    loss = F.cross_entropy(logits, target)
-                    names = list(params)
-                    for n, g in zip(names, torch.autograd.grad(
-                            loss, [params[n] for n in names], allow_unused=True)):
-                        if g is not None:
-                            grads[n] += g
-        finally:
-            restore_modes(modes)
+        with evaluating(model), torch.enable_grad():
+            for batch in itertools.islice(iter(ctx.data), self.batches):
+                inputs, labels = split_batch(batch)
+                args, kwargs = as_args(to_device(inputs, device))
+                logits = first_tensor(model(*args, **kwargs))
+                if logits is None or logits.ndim != 2:
+                    raise CalibrationError(
+                        "criterion 'taylor' needs a model returning class logits (batch, "
+                        f"classes); got {None if logits is None else tuple(logits.shape)}.")
+                target = (labels.to(device) if labels is not None
+                          else logits.detach().argmax(-1))
+                loss = F.cross_entropy(logits, target)
+                names = list(params)
+                for n, g in zip(names, torch.autograd.grad(
+                        loss, [params[n] for n in names], allow_unused=True)):
+                    if g is not None:
+                        grads[n] += g
         return {n: (params[n].detach() * grads[n]).abs() for n in params}
 
     def score(self, group: ChannelGroup, ctx: ScoreContext) -> np.ndarray:

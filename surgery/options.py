@@ -1,0 +1,134 @@
+"""PruneOptions: every choice ``prune`` and ``make_plan`` make, in one validated object.
+
+The same settings reach the engine from Python keywords, from ``surgery prune``'s options and
+from benchmarks; one dataclass holds their defaults, their documentation and their checks, so a
+bad value is refused before anything is traced or calibrated, whichever way it came in.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import numbers
+from dataclasses import dataclass
+from typing import Any, Mapping
+
+from surgery.budget.cost import KINDS
+from surgery.errors import BudgetError, CalibrationError
+
+TARGETS = ("output", "labels")
+ALLOCATIONS = ("uniform", "global")
+KIND_WEIGHT_MODES = ("search", "uniform")
+
+
+@dataclass(frozen=True)
+class PruneOptions:
+    """What to remove and how to choose it.
+
+    - ``sparsity``: share of the ``budget`` to remove, in [0, 1).
+    - ``budget``: what ``sparsity`` counts: ``"macs"`` or ``"params"``.
+    - ``budget_scope``: parameter-name prefixes the params budget counts (e.g.
+      ``"bert.encoder"`` for "encoder parameters removed"); default: all parameters.
+    - ``kinds``: only cut groups of these kinds (e.g. ``{"neuron", "head"}`` to keep a
+      transformer's hidden size); default: every prunable group.
+    - ``kind_weights``: per-kind removal rates relative to one shared rate, e.g.
+      ``{"neuron": 1, "head": 0.5, "hidden": 0.25}`` cuts FFN neurons twice as fast as heads;
+      ``"search"`` refines the default by trying candidates on calibration batches (about ten
+      prunes' time; see :mod:`surgery.budget.kind_search`); ``"uniform"``: every kind at the
+      same rate (the paper's setting); default: the plugin's (transformers: neurons 1, heads
+      0.5, hidden dims 0.1), else uniform.
+    - ``criterion``: ``mi`` (default: joint top-down MI), ``mi_topk``, ``act_weight``,
+      ``taylor``, ``magnitude``, ``random`` or a plugin's.
+    - ``target``: what the top layer's channels must explain: ``output`` (the dense model's
+      own output; no labels needed) or ``labels``.
+    - ``allocation``: ``uniform`` keep ratio per group, or ``global`` by normalised score.
+    - ``estimator``: the MI estimator of ``mi``/``mi_topk`` (``gaussian``, ``binned``,
+      ``ksg`` or a plugin's).
+    - ``round_to``: kept channels per group are multiples of this (e.g. 16 for hardware; a
+      head of 32 channels needs no rounding, a neuron does); ``min_keep``: the fewest atoms a
+      group keeps.
+    - ``max_batches``: calibration batches to use at most (default: all).
+    - ``seed``: for ``random`` and the sample-based estimators' reservoirs.
+    - ``distributed``: under ``torch.distributed`` (auto-detected when None), each rank folds
+      in its share of the calibration data and the statistics are all-reduced; every rank
+      returns the same plan (see :mod:`surgery.stats.distributed`).
+    - ``compensate``: refit every conv/linear that reads a cut group by least squares from
+      its kept inputs (uses the calibration statistics; skipped without them).
+    - ``recalibrate``: re-estimate BatchNorm running statistics on the calibration data after
+      the cut (no labels, one pass; skipped when there is no BatchNorm or no data).
+    """
+
+    sparsity: float = 0.5
+    budget: str = "macs"
+    budget_scope: tuple[str, ...] = ()
+    kinds: frozenset[str] | None = None
+    kind_weights: Mapping[str, float] | str | None = None
+    criterion: str = "mi"
+    target: str = "output"
+    allocation: str = "uniform"
+    estimator: str = "gaussian"
+    round_to: int = 1
+    min_keep: int = 1
+    max_batches: int | None = None
+    seed: int = 0
+    distributed: bool | None = None
+    compensate: bool = True
+    recalibrate: bool = True
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__  # frozen: normalise once, here
+        if isinstance(self.budget_scope, str):
+            set_(self, "budget_scope", (self.budget_scope,) if self.budget_scope else ())
+        else:
+            set_(self, "budget_scope", tuple(self.budget_scope))
+        if self.kinds is not None:
+            set_(self, "kinds", frozenset([self.kinds] if isinstance(self.kinds, str)
+                                          else self.kinds))
+        if isinstance(self.kind_weights, Mapping):
+            set_(self, "kind_weights", dict(self.kind_weights))
+        self._check()
+
+    def _check(self) -> None:
+        if self.budget not in KINDS:
+            raise BudgetError(f"budget must be one of {KINDS}, got {self.budget!r}.")
+        if (not isinstance(self.sparsity, numbers.Real) or isinstance(self.sparsity, bool)
+                or not 0.0 <= self.sparsity < 1.0):
+            raise BudgetError(
+                f"sparsity must be a fraction in [0, 1) of {self.budget} to remove, got "
+                f"{self.sparsity!r}; e.g. 0.5 removes half."
+            )
+        if self.target not in TARGETS:
+            raise CalibrationError(f"target must be one of {TARGETS}, got {self.target!r}.")
+        if self.allocation not in ALLOCATIONS:
+            raise BudgetError(f"allocation must be one of {ALLOCATIONS}, got "
+                              f"{self.allocation!r}.")
+        if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1
+                   for v in (self.round_to, self.min_keep)):
+            raise BudgetError(f"round_to and min_keep must be whole numbers >= 1 (got "
+                              f"{self.round_to!r}, {self.min_keep!r}).")
+        if isinstance(self.kind_weights, str) and self.kind_weights not in KIND_WEIGHT_MODES:
+            raise BudgetError(f"kind_weights must be a dict {{kind: weight}}, 'search', "
+                              f"'uniform' or None, got {self.kind_weights!r}.")
+
+    @classmethod
+    def of(cls, options: "PruneOptions | None" = None, **settings: Any) -> "PruneOptions":
+        """``options`` (default: all defaults) with ``settings`` replaced; an unknown name is a
+        TypeError listing the valid ones."""
+        unknown = sorted(set(settings) - set(cls.names()))
+        if unknown:
+            raise TypeError(f"unknown pruning option(s) {unknown}; the options are "
+                            f"{cls.names()} (see surgery.PruneOptions).")
+        return dataclasses.replace(options or cls(), **settings)
+
+    @classmethod
+    def names(cls) -> list[str]:
+        return [f.name for f in dataclasses.fields(cls)]
+
+    def budget_record(self) -> dict[str, Any]:
+        """The settings a plan records under ``plan.budget``."""
+        return {"kind": self.budget, "scope": list(self.budget_scope),
+                "sparsity": self.sparsity, "allocation": self.allocation,
+                "round_to": self.round_to, "min_keep": self.min_keep,
+                "estimator": self.estimator}
+
+
+__all__ = ["PruneOptions", "TARGETS", "ALLOCATIONS"]
