@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 import torch
+from torch.utils._pytree import tree_leaves, tree_map_only
 
 
 def as_args(inputs: Any) -> tuple[tuple[Any, ...], dict[str, Any]]:
@@ -22,32 +23,20 @@ def call(model: torch.nn.Module, inputs: Any) -> Any:
     return model(*args, **kwargs)
 
 
-def to_device(inputs: Any, device: torch.device) -> Any:
-    """Move every tensor in a (nested) batch to ``device``."""
-    if isinstance(inputs, torch.Tensor):
-        return inputs.to(device)
-    if isinstance(inputs, dict):
-        return {k: to_device(v, device) for k, v in inputs.items()}
-    if isinstance(inputs, (tuple, list)):
-        return type(inputs)(to_device(v, device) for v in inputs)
-    return inputs
+def to_device(inputs: Any, device: torch.device | str) -> Any:
+    """Every tensor in a (nested) batch moved to ``device``."""
+    return tree_map_only(torch.Tensor, lambda v: v.to(device), inputs)
 
 
 def first_tensor(value: Any) -> torch.Tensor | None:
     """The first tensor found in a nested output (tensor, tuple, dict, ModelOutput)."""
-    if isinstance(value, torch.Tensor):
-        return value
-    if isinstance(value, dict):
-        for v in value.values():
-            t = first_tensor(v)
-            if t is not None:
-                return t
-    if isinstance(value, (tuple, list)):
-        for v in value:
-            t = first_tensor(v)
-            if t is not None:
-                return t
-    return None
+    return next((v for v in tree_leaves(value) if isinstance(v, torch.Tensor)), None)
+
+
+def rows(value: Any) -> int:
+    """The batch size of a nested batch: the first tensor's leading dim (0: no tensor)."""
+    t = first_tensor(value)
+    return int(t.shape[0]) if t is not None and t.ndim else 0
 
 
 def split_batch(batch: Any) -> tuple[Any, torch.Tensor | None]:

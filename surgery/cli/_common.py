@@ -13,8 +13,6 @@ import functools
 import json
 import os
 import shlex
-import shutil
-import tempfile
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional
 
@@ -174,43 +172,6 @@ def command_line(ctx: typer.Context) -> str:
         else:
             parts += [param.opts[0], str(value)]
     return shlex.join(parts)
-
-
-@contextlib.contextmanager
-def atomic_folder(out: Path, overwrite: bool = False) -> Iterator[Path]:
-    """Yield a temporary folder beside ``out``; on success it is renamed to ``out`` (replacing
-    it when ``overwrite``), on any failure it is removed (and parents this created): a failed
-    run leaves nothing behind."""
-    out = Path(out).absolute()
-    _check_out(out, overwrite)
-    created: list[Path] = []
-    p = out.parent
-    while not p.exists():
-        created.append(p)
-        p = p.parent
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".partial", dir=out.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)
-    try:
-        yield tmp
-        os.chmod(tmp, 0o777 & ~umask)
-        for f in tmp.rglob("*"):
-            os.chmod(f, (0o777 if f.is_dir() else 0o666) & ~umask)
-        if out.exists():
-            old = out.with_name(f"{tmp.name[:-len('.partial')]}.old")
-            out.rename(old)
-            tmp.rename(out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            tmp.rename(out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        for c in created:
-            with contextlib.suppress(OSError):
-                c.rmdir()
-        raise
 
 
 def _check_out(out: Path, overwrite: bool) -> None:

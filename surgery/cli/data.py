@@ -22,9 +22,10 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import torch
+from torch.utils._pytree import tree_map_only
 
-from surgery._core.batches import split_batch
-from surgery.cli.specs import IMAGENET_MEAN, IMAGENET_STD, _import_attr
+from surgery._core.batches import rows, split_batch
+from surgery.cli.specs import IMAGENET_MEAN, IMAGENET_STD, import_callable
 from surgery.errors import LoadError
 
 FASHION_MEAN = 0.286
@@ -52,10 +53,10 @@ class Batches:
             if self.limit is not None and seen >= self.limit:
                 return
             inputs, labels = split_batch(batch)
-            n = _rows(inputs)
+            n = rows(inputs)
             if self.limit is not None and n and seen + n > self.limit:
                 keep = self.limit - seen
-                batch = _cut(batch, keep)
+                batch = _slice(batch, 0, keep)
                 n = keep
             seen += n or 1
             yield batch
@@ -67,40 +68,20 @@ class Batches:
         raise LoadError(f"data {self.name!r} yielded no batches.")
 
 
-def _rows(inputs: Any) -> int:
-    from surgery._core.batches import first_tensor
-
-    t = first_tensor(inputs)
-    return int(t.shape[0]) if t is not None and t.ndim else 0
-
-
-def _cut(value: Any, n: int) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value[:n] if value.ndim else value
-    if isinstance(value, dict):
-        return {k: _cut(v, n) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(_cut(v, n) for v in value)
-    return value
+def _slice(value: Any, start: int, stop: int) -> Any:
+    """Rows ``start:stop`` of every (non-scalar) tensor in a nested batch."""
+    return tree_map_only(torch.Tensor, lambda v: v[start:stop] if v.ndim else v, value)
 
 
 def _tensor_batches(x: Any, y: torch.Tensor | None, batch_size: int, name: str) -> Batches:
-    n = len(y) if y is not None else _rows(x)
+    n = len(y) if y is not None else rows(x)
 
     def make() -> Iterator[Any]:
         for i in range(0, n, batch_size):
-            xb = _cut_range(x, i, i + batch_size)
+            xb = _slice(x, i, i + batch_size)
             yield xb if y is None else (xb, y[i:i + batch_size])
 
     return Batches(make, name, total=math.ceil(n / batch_size))
-
-
-def _cut_range(value: Any, start: int, stop: int) -> Any:
-    if isinstance(value, torch.Tensor):
-        return value[start:stop]
-    if isinstance(value, dict):
-        return {k: _cut_range(v, start, stop) for k, v in value.items()}
-    return value
 
 
 def _image_shape(inputs: dict[str, Any]) -> tuple[int, int, int]:
@@ -267,7 +248,7 @@ def text_batches(path: str | os.PathLike, inputs: dict[str, Any], tokenizer: Any
 
 
 def function_batches(spec: str, *, limit: int | None) -> Batches:
-    fn = _import_attr(spec, "DATA")
+    fn = import_callable(spec, "DATA")
 
     def make() -> Iterable[Any]:
         data = fn()

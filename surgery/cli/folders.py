@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from surgery.cli.specs import Loaded, _import_attr, build_model, load_tokenizer, make_example
+from surgery.cli.specs import Loaded, build_model, import_callable, load_tokenizer, make_example
 from surgery.errors import LoadError
 
 SOURCE_FILE = "source.json"
@@ -25,7 +25,7 @@ its inputs look and are preprocessed, so ``eval``/``bench``/``export`` feed it l
 def factory_model(factory: str, **kwargs: Any) -> torch.nn.Module:
     """Call the ``module:callable`` ``factory`` and return the model alone (factories may return
     ``(model, example_inputs)``): the architecture :mod:`surgery.io` rebuilds factories with."""
-    result = _import_attr(factory, "MODEL")(**kwargs)
+    result = import_callable(factory, "MODEL")(**kwargs)
     return result[0] if isinstance(result, tuple) else result
 
 
@@ -46,17 +46,20 @@ def architecture(loaded: Loaded) -> Any:
 
 def save_pruned(folder: str | os.PathLike, loaded: Loaded, pruned: torch.nn.Module,
                 plan: Any) -> None:
-    """Write a pruned model into ``folder`` (replaced whole): :func:`surgery.io.save`'s files
-    plus ``source.json``. ``loaded.model`` must still be the unpruned model.
+    """Write a pruned model into the (temporary, see ``surgery.io._atomic``) ``folder``:
+    :func:`surgery.io.save`'s files plus ``source.json``. ``loaded.model`` must still be the
+    unpruned model.
 
     This and :func:`load_pruned` are the only code that knows the folder's layout."""
-    import surgery.io
+    from surgery.io.folder import check_architecture, write_folder
 
     if any(p.is_cuda for p in pruned.parameters()):
         pruned = pruned.cpu()
-    with warnings.catch_warnings():  # io.save builds the base on the meta device: a factory
-        warnings.simplefilter("ignore", UserWarning)  # that loads weights warns of no-op copies
-        surgery.io.save(pruned, folder, plan, architecture(loaded), overwrite=True)
+    arch = architecture(loaded)
+    with warnings.catch_warnings():  # the base is built on the meta device: a factory that
+        warnings.simplefilter("ignore", UserWarning)  # loads weights warns of no-op copies
+        check_architecture(arch, plan)
+    write_folder(pruned, Path(folder), plan, arch)
     (Path(folder) / SOURCE_FILE).write_text(json.dumps(
         {"recipe": loaded.recipe, "inputs": loaded.inputs}, indent=1))
 

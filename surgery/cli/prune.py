@@ -33,7 +33,6 @@ from surgery.cli._common import (
     _load,
     _summary_table,
     app,
-    atomic_folder,
     command_line,
     console,
     friendly,
@@ -101,6 +100,7 @@ def prune(
     from surgery.cli.folders import save_pruned
     from surgery.cli.report import write_report
     from surgery.counting import measure
+    from surgery.io._atomic import atomic_folder
 
     command = command_line(ctx)
     _check_out(Path(out).absolute(), overwrite)
@@ -161,8 +161,8 @@ def prune(
         "device": dev, "seed": seed,
     }
     with console.status(f"writing the pruned model, plan and report to {out}..."):
-        with atomic_folder(out, overwrite) as tmp:
-            save_pruned(tmp, loaded, pruned, plan)  # first: it replaces the folder whole
+        with atomic_folder(out, overwrite=overwrite) as tmp:
+            save_pruned(tmp, loaded, pruned, plan)
             write_report(tmp, plan=plan, model=model, command=command, dense=dense,
                          pruned=after, settings=settings, seconds=seconds)
 

@@ -1,4 +1,4 @@
-"""Resolving what the command line names: models, data sets, and pruned-model folders.
+"""MODEL specs: the models a command-line name stands for, and how to rebuild and feed them.
 
 A MODEL spec is one of (tried in this order):
 
@@ -11,33 +11,21 @@ A MODEL spec is one of (tried in this order):
 Weights come from ``checkpoint`` (``.safetensors``, or a ``.pth``/``.pt``/``.bin`` state
 dict); without one, models are randomly initialised under a fixed seed (so the same dense
 model can be rebuilt later), except Hugging Face folders and factories, which bring their own.
-
-A DATA spec is one of:
-
-* ``fashion-mnist`` (or ``fashion-mnist:train`` / ``fashion-mnist:test``): the built-in real
-  data set (:func:`surgery.datasets.fashion_mnist`), padded or resized to the input size;
-* a folder of images in ImageFolder layout (``root/CLASS/IMAGE``; ``root/train`` and
-  ``root/val`` or ``root/test`` are used for calibration and evaluation when present);
-* a ``.csv``, ``.jsonl`` or ``.json`` file of texts with labels (tokenised with the Hugging
-  Face folder's tokenizer, or ``tokenizer``);
-* ``package.module:function``: a callable returning an iterable of batches (``inputs``,
-  ``(inputs, labels)`` or dicts with ``labels``).
-
-A pruned-model folder (what ``surgery prune`` writes) is read and written by
-:func:`save_pruned` / :func:`load_pruned`, the one place that knows its file layout.
+DATA specs are :mod:`surgery.cli.data`.
 """
 
 from __future__ import annotations
 
-import importlib
 import importlib.util
 import os
+import pkgutil
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable
 
 import torch
+from torch.utils._pytree import tree_map_only
 
 from surgery.errors import LoadError
 from surgery.io.checkpoint import load_checkpoint
@@ -45,10 +33,8 @@ from surgery.io.checkpoint import load_checkpoint
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 HF_MISSING = ("Hugging Face support arrives with the BERT/ViT plugins "
-              "(surgery_plugins.bert / surgery_plugins.vit are not installed).")
+              "(surgery_plugins.hf_encoders is not installed).")
 
-
-# ---- models ---------------------------------------------------------------------------------
 
 @dataclass
 class Loaded:
@@ -81,29 +67,17 @@ def parse_size(text: str | None) -> tuple[int, ...] | None:
     return size
 
 
-def _seeded(seed: int, build: Callable[[], Any]) -> Any:
-    state = torch.random.get_rng_state()
-    torch.manual_seed(seed)
-    try:
-        return build()
-    finally:
-        torch.random.set_rng_state(state)
-
-
-def _import_attr(spec: str, what: str) -> Any:
-    module_name, _, attr = spec.partition(":")
+def import_callable(spec: str, what: str) -> Callable[..., Any]:
+    """The callable a ``package.module:name`` spec names (``pkgutil.resolve_name``); the
+    current directory is importable, so a user's own module next to their data works."""
     if os.getcwd() not in sys.path and "" not in sys.path:
         sys.path.insert(0, os.getcwd())
     try:
-        module = importlib.import_module(module_name)
-    except ImportError as exc:
-        raise LoadError(f"cannot import {module_name!r} for {what} {spec!r}: {exc}. The module "
-                        "must be importable (installed, or under the current directory).") from exc
-    obj: Any = module
-    for part in attr.split("."):
-        if not hasattr(obj, part):
-            raise LoadError(f"{module_name!r} has no attribute {attr!r} (from {what} {spec!r}).")
-        obj = getattr(obj, part)
+        obj = pkgutil.resolve_name(spec)
+    except (ImportError, AttributeError, ValueError) as exc:
+        raise LoadError(f"cannot resolve {what} {spec!r}: {type(exc).__name__}: {exc}. The "
+                        "module must be importable (installed, or under the current directory) "
+                        "and define that name.") from exc
     if not callable(obj):
         raise LoadError(f"{spec!r} is not callable; {what} must name a function or class.")
     return obj
@@ -147,46 +121,71 @@ def _model_kind(spec: str) -> tuple[str, str]:
     )
 
 
+ModelSource = Callable[[str, dict[str, Any]], "tuple[torch.nn.Module, Any]"]
+SOURCES: dict[str, ModelSource] = {}
+"""Builders by recipe source, filled by :func:`source` below: ``build(name, kwargs)`` returns
+the model and the factory's example inputs (None for the others)."""
+
+
+def source(name: str) -> Callable[[ModelSource], ModelSource]:
+    """Decorator: the builder of recipes whose ``source`` is ``name``."""
+
+    def add(build: ModelSource) -> ModelSource:
+        SOURCES[name] = build
+        return build
+
+    return add
+
+
 def build_model(recipe: dict[str, Any], *, weights: bool = True) -> tuple[torch.nn.Module, Any]:
-    """The dense model a recipe describes, and the factory's example inputs (or None).
+    """The dense model a recipe describes, and the factory's example inputs (or None); built
+    under the recipe's seed without touching the caller's random state.
 
     ``weights=False`` skips the checkpoint (the caller loads pruned weights instead)."""
-    source, name = recipe["source"], recipe["name"]
+    build = SOURCES.get(recipe["source"])
+    if build is None:
+        raise LoadError(f"unknown model source {recipe['source']!r} in the recipe; known: "
+                        f"{sorted(SOURCES)}.")
     num_classes = recipe.get("num_classes")
     kwargs = {} if num_classes is None else {"num_classes": num_classes}
-    example = None
-    if source == "huggingface":
-        model = _hf_model(name)
-    elif source == "factory":
-        result = _seeded(recipe.get("seed", 0), lambda: _import_attr(name, "MODEL")(**kwargs))
-        pair = isinstance(result, tuple) and len(result) == 2
-        if pair and isinstance(result[0], torch.nn.Module):
-            model, example = result
-        else:
-            model = result
-        if not isinstance(model, torch.nn.Module):
-            raise LoadError(f"factory {name!r} returned {type(model).__name__}, not an nn.Module "
-                            "(or a (model, example_inputs) pair).")
-    elif source == "torchvision":
-        import torchvision
-
-        model = _seeded(recipe.get("seed", 0), lambda: torchvision.models.get_model(name, **kwargs))
-    elif source == "timm":
-        import timm
-
-        try:
-            model = _seeded(recipe.get("seed", 0),
-                            lambda: timm.create_model(name, pretrained=False, **kwargs))
-        except RuntimeError as exc:
-            raise LoadError(f"timm cannot build {name!r}: {exc}") from exc
-    else:
-        raise LoadError(f"unknown model source {source!r} in the recipe.")
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(recipe.get("seed", 0))
+        model, example = build(recipe["name"], kwargs)
     if weights and recipe.get("checkpoint"):
         load_checkpoint(model, recipe["checkpoint"])
     return model.float().eval(), example
 
 
-def _hf_model(folder: str) -> torch.nn.Module:
+@source("factory")
+def _factory(name: str, kwargs: dict[str, Any]) -> tuple[torch.nn.Module, Any]:
+    result = import_callable(name, "MODEL")(**kwargs)
+    if isinstance(result, tuple) and len(result) == 2 and isinstance(result[0], torch.nn.Module):
+        return result
+    if not isinstance(result, torch.nn.Module):
+        raise LoadError(f"factory {name!r} returned {type(result).__name__}, not an nn.Module "
+                        "(or a (model, example_inputs) pair).")
+    return result, None
+
+
+@source("torchvision")
+def _torchvision(name: str, kwargs: dict[str, Any]) -> tuple[torch.nn.Module, Any]:
+    import torchvision
+
+    return torchvision.models.get_model(name, **kwargs), None
+
+
+@source("timm")
+def _timm(name: str, kwargs: dict[str, Any]) -> tuple[torch.nn.Module, Any]:
+    import timm
+
+    try:
+        return timm.create_model(name, pretrained=False, **kwargs), None
+    except RuntimeError as exc:
+        raise LoadError(f"timm cannot build {name!r}: {exc}") from exc
+
+
+@source("huggingface")
+def _hf_model(folder: str, kwargs: dict[str, Any]) -> tuple[torch.nn.Module, Any]:
     if not hf_plugins_available():
         raise LoadError(HF_MISSING)
     import transformers
@@ -195,7 +194,7 @@ def _hf_model(folder: str) -> torch.nn.Module:
     classes = [getattr(transformers, a, None) for a in (config.architectures or [])]
     cls = next((c for c in classes if c is not None), transformers.AutoModel)
     try:
-        return cls.from_pretrained(folder, dtype=torch.float32)
+        return cls.from_pretrained(folder, dtype=torch.float32), None
     except Exception as exc:
         raise LoadError(f"transformers cannot load {folder!r} with {cls.__name__}: {exc}") from exc
 
@@ -277,16 +276,8 @@ def load_tokenizer(folder: str) -> Any:
 
 def resize_batch(value: Any, batch: int) -> Any:
     """Every tensor in a nested value cycled/cut along dim 0 to ``batch`` rows."""
-    if isinstance(value, torch.Tensor):
-        if value.ndim == 0:
-            return value
-        idx = torch.arange(batch) % value.shape[0]
-        return value.index_select(0, idx.to(value.device))
-    if isinstance(value, dict):
-        return {k: resize_batch(v, batch) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(resize_batch(v, batch) for v in value)
-    return value
+    return tree_map_only(torch.Tensor, lambda v: v if v.ndim == 0 else v.index_select(
+        0, (torch.arange(batch) % v.shape[0]).to(v.device)), value)
 
 
 def make_example(inputs: dict[str, Any], batch: int = 1, factory_example: Any = None,
@@ -314,9 +305,5 @@ def make_example(inputs: dict[str, Any], batch: int = 1, factory_example: Any = 
     raise LoadError(f"unknown input kind {kind!r}.")
 
 
-# ---- data -----------------------------------------------------------------------------------
-
-
-# ---- pruned-model folders -------------------------------------------------------------------
 
 

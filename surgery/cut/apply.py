@@ -14,13 +14,31 @@ from typing import Any, Callable
 
 import torch
 import torch.nn as nn
+from torch.utils._pytree import tree_map
 
 from surgery._core.batches import call
 from surgery._core.modes import evaluating
 from surgery.cut.plan import PruningPlan, fingerprint
 from surgery.errors import CaptureError, PlanError, SurgeryError, VerificationError
 
+Fixer = Callable[[nn.Module, dict[str, tuple[int, ...]]], None]
+FIXERS: dict[type, Fixer] = {}
+"""Width-attribute fixers by torch.nn layer type, filled by :func:`fixes` where each is written;
+``fixer(module, old_shapes)`` recomputes the attributes from the sliced tensors."""
 
+
+def fixes(*types: type) -> Callable[[Fixer], Fixer]:
+    """Decorator: ``fixer`` recomputes the width attributes of these layer types (and their
+    subclasses) after slicing."""
+
+    def add(fixer: Fixer) -> Fixer:
+        FIXERS.update(dict.fromkeys(types, fixer))
+        return fixer
+
+    return add
+
+
+@fixes(nn.modules.conv._ConvNd)
 def _conv(m: nn.Module, old: dict[str, tuple[int, ...]]) -> None:
     w_old = old.get("weight", tuple(m.weight.shape))
     out_per_group = w_old[0] // m.groups
@@ -29,37 +47,32 @@ def _conv(m: nn.Module, old: dict[str, tuple[int, ...]]) -> None:
     m.in_channels = m.weight.shape[1] * m.groups
 
 
+@fixes(nn.Linear)
 def _linear(m: nn.Module, old: dict[str, tuple[int, ...]]) -> None:
     m.out_features, m.in_features = m.weight.shape
 
 
+@fixes(nn.modules.batchnorm._NormBase)
 def _batch_norm(m: nn.Module, old: dict[str, tuple[int, ...]]) -> None:
     ref = m.weight if m.weight is not None else m.running_mean
     m.num_features = ref.shape[0]
 
 
+@fixes(nn.LayerNorm)
 def _layer_norm(m: nn.Module, old: dict[str, tuple[int, ...]]) -> None:
     m.normalized_shape = tuple(m.weight.shape)
 
 
+@fixes(nn.GroupNorm)
 def _group_norm(m: nn.Module, old: dict[str, tuple[int, ...]]) -> None:
     per_group = old["weight"][0] // m.num_groups
     m.num_channels = m.weight.shape[0]
     m.num_groups = m.num_channels // per_group
 
 
+@fixes(nn.Embedding)
 def _embedding(m: nn.Module, old: dict[str, tuple[int, ...]]) -> None:
     m.num_embeddings, m.embedding_dim = m.weight.shape
-
-
-FIXERS: dict[type, Callable[[nn.Module, dict[str, tuple[int, ...]]], None]] = {
-    nn.modules.conv._ConvNd: _conv,
-    nn.Linear: _linear,
-    nn.modules.batchnorm._NormBase: _batch_norm,
-    nn.LayerNorm: _layer_norm,
-    nn.GroupNorm: _group_norm,
-    nn.Embedding: _embedding,
-}
 
 
 def _fixer(module: nn.Module) -> Callable | None:
@@ -152,13 +165,8 @@ def slice_model(model: nn.Module, plan: PruningPlan) -> nn.Module:
 
 
 def _shapes(value: Any) -> Any:
-    if isinstance(value, torch.Tensor):
-        return tuple(value.shape)
-    if isinstance(value, dict):
-        return {k: _shapes(v) for k, v in value.items()}
-    if isinstance(value, (tuple, list)):
-        return type(value)(_shapes(v) for v in value)
-    return None
+    """The structure of a model output with each tensor replaced by its shape."""
+    return tree_map(lambda v: tuple(v.shape) if isinstance(v, torch.Tensor) else None, value)
 
 
 def verify(dense_shapes: Any, pruned: nn.Module, example_inputs: Any) -> None:

@@ -1,4 +1,4 @@
-"""Capture: turn a model into an fx graph annotated with tensor shapes, plus a networkx view.
+"""Capture: turn a model into an fx graph annotated with tensor shapes.
 
 Why fx: a symbolic trace gives every op with its arguments, which is exactly what the channel
 rules need; `ShapeProp` then writes the concrete shape of every value into ``node.meta``, so the
@@ -12,12 +12,12 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import linecache
+import operator
 import sys
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable
 
-import networkx as nx
 import torch
 import torch.fx as fx
 from torch.fx.passes.shape_prop import ShapeProp
@@ -135,10 +135,7 @@ class _Tracer(fx.Tracer):
                 if node.op == "get_attr":
                     if node.target in self.constants:
                         return self.constants[node.target]
-                    obj: Any = self.root
-                    for part in str(node.target).split("."):
-                        obj = getattr(obj, part)
-                    return obj
+                    return operator.attrgetter(str(node.target))(self.root)
                 if node.op == "call_function":
                     return node.target(*args, **kwargs)
                 if node.op == "call_method":
@@ -255,33 +252,13 @@ _METADATA_METHODS = frozenset({"size", "dim", "ndimension", "numel", "get_device
 
 @dataclass
 class Capture:
-    """A traced model: the fx ``GraphModule`` (sharing parameters with the model), the example
-    inputs it was traced and shape-propagated with, and a networkx ``DiGraph`` of its nodes."""
+    """A traced model: the fx ``GraphModule`` (sharing parameters with the model, every node
+    annotated with its output shape in ``node.meta["tensor_meta"]``) and the example inputs it
+    was traced and shape-propagated with, one per placeholder."""
 
     model: torch.nn.Module
     graph_module: fx.GraphModule
     example_args: tuple[Any, ...]
-    example_kwargs: dict[str, Any]
-    digraph: nx.DiGraph = field(repr=False)
-
-    @property
-    def nodes(self) -> list[fx.Node]:
-        return list(self.graph_module.graph.nodes)
-
-    def module(self, target: str) -> torch.nn.Module:
-        return self.graph_module.get_submodule(target)
-
-
-def _to_digraph(gm: fx.GraphModule) -> nx.DiGraph:
-    """A networkx view: one vertex per fx node (name), edges from producer to user."""
-    g = nx.DiGraph()
-    for order, node in enumerate(gm.graph.nodes):
-        meta = node.meta.get("tensor_meta")
-        shape = tuple(meta.shape) if hasattr(meta, "shape") else None
-        g.add_node(node.name, op=node.op, target=str(node.target), shape=shape, order=order)
-        for parent in node.all_input_nodes:
-            g.add_edge(parent.name, node.name)
-    return g
 
 
 def trace(
@@ -353,7 +330,7 @@ def trace(
             f"{type(cause).__name__}: {cause}. Check that example_inputs match what the model's "
             f"forward expects (given: {_describe_inputs(ordered)})."
         ) from exc
-    return Capture(model, gm, tuple(ordered), {}, _to_digraph(gm))
+    return Capture(model, gm, tuple(ordered))
 
 
 def _as_keywords(model: torch.nn.Module, args: tuple[Any, ...]) -> dict[str, Any] | None:

@@ -55,9 +55,6 @@ class ChannelGroup:
             seen.setdefault(p.rsplit(".", 1)[0] if "." in p else "", None)
         return list(seen)
 
-    def atom_size(self, key: tuple[str, int]) -> int:
-        return len(self.slices[key][0]) if self.slices[key] else 0
-
 
 @dataclass
 class Probe:
@@ -101,9 +98,6 @@ class Coupling:
 
     def group(self, gid: int) -> ChannelGroup:
         return self.groups[gid]
-
-    def relations_of(self, gid: int) -> list[Relation]:
-        return [r for r in self.relations if r.group == gid]
 
     def record_labels(self) -> dict[tuple[str, int], np.ndarray]:
         """For each tracked parameter dimension, the atom label of every position."""

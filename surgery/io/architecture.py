@@ -9,17 +9,27 @@ arguments; the callable is imported and called: only load folders you trust).
 from __future__ import annotations
 
 import copy
-import importlib
-import importlib.util
 import json
+import pkgutil
 from dataclasses import asdict, dataclass, field
-from typing import Any
+from typing import Any, Callable
 
 import torch.nn as nn
 
 from surgery.errors import StorageError
 
-SOURCES = ("transformers", "timm", "torchvision", "factory")
+BUILDERS: dict[str, Callable[["Architecture"], nn.Module]] = {}
+"""How each source builds its models, filled by :func:`builder` below."""
+
+
+def builder(source: str) -> Callable[[Callable], Callable]:
+    """Decorator: the function that builds an :class:`Architecture` of ``source``."""
+
+    def add(build: Callable[["Architecture"], nn.Module]) -> Callable:
+        BUILDERS[source] = build
+        return build
+
+    return add
 
 
 @dataclass
@@ -32,8 +42,9 @@ class Architecture:
     config: dict[str, Any] | None = None
 
     def __post_init__(self) -> None:
-        if self.source not in SOURCES:
-            raise StorageError(f"architecture source must be one of {SOURCES}, got {self.source!r}.")
+        if self.source not in BUILDERS:
+            raise StorageError(f"architecture source must be one of {sorted(BUILDERS)}, got "
+                               f"{self.source!r}.")
         try:
             json.dumps({"kwargs": self.kwargs, "config": self.config})
         except (TypeError, ValueError) as exc:
@@ -97,25 +108,7 @@ class Architecture:
     def build(self) -> nn.Module:
         """Build the unpruned model with fresh weights."""
         try:
-            if self.source == "transformers":
-                import transformers
-
-                model_cls = getattr(transformers, self.name)
-                config = model_cls.config_class.from_dict(copy.deepcopy(self.config or {}))
-                return model_cls(config)
-            if self.source == "timm":
-                import timm
-
-                return timm.create_model(self.name, pretrained=False, **self.kwargs)
-            if self.source == "torchvision":
-                import torchvision
-
-                return torchvision.models.get_model(self.name, weights=None, **self.kwargs)
-            module_name, _, attr = self.name.partition(":")
-            target: Any = importlib.import_module(module_name)
-            for part in attr.split("."):
-                target = getattr(target, part)
-            return target(**self.kwargs)
+            return BUILDERS[self.source](self)
         except StorageError:
             raise
         except Exception as exc:
@@ -157,3 +150,30 @@ def architecture_of(model: nn.Module) -> Architecture:
         "Architecture.torchvision('resnet18'), Architecture.timm(name, **kwargs) or "
         "Architecture.factory('package.module:callable', **kwargs)."
     )
+
+
+@builder("transformers")
+def _transformers(arch: Architecture) -> nn.Module:
+    import transformers
+
+    model_cls = getattr(transformers, arch.name)
+    return model_cls(model_cls.config_class.from_dict(copy.deepcopy(arch.config or {})))
+
+
+@builder("timm")
+def _timm(arch: Architecture) -> nn.Module:
+    import timm
+
+    return timm.create_model(arch.name, pretrained=False, **arch.kwargs)
+
+
+@builder("torchvision")
+def _torchvision(arch: Architecture) -> nn.Module:
+    import torchvision
+
+    return torchvision.models.get_model(arch.name, weights=None, **arch.kwargs)
+
+
+@builder("factory")
+def _factory(arch: Architecture) -> nn.Module:
+    return pkgutil.resolve_name(arch.name)(**arch.kwargs)

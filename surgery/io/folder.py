@@ -10,18 +10,13 @@ A saved pruned model is a folder::
                         model: the folder then also loads with ``from_pretrained``
 
 :func:`load` rebuilds the unpruned architecture (no weights needed), slices it with the plan
-(:func:`surgery.apply.slice_model`, no tracing, the same fix-ups as pruning) and loads the
-weights. Nothing is unpickled: the architecture is one of
+(:func:`surgery.cut.apply.slice_model`, no tracing, the same fix-ups as pruning) and loads
+the weights. Nothing is unpickled: the architecture is a :class:`surgery.io.Architecture`.
 
-* ``transformers``: a model class exported by ``transformers`` plus its base ``config.to_dict()``;
-* ``timm``: a model name plus JSON keyword arguments for ``timm.create_model``;
-* ``torchvision``: a builder name plus keyword arguments for ``torchvision.models.get_model``;
-* ``factory``: an import string ``"package.module:callable"`` plus keyword arguments, for
-  anything else (the callable is imported and called: only load folders you trust).
-
-Writing is atomic: everything goes into a temporary folder next to the target, which is
-renamed into place at the end; a failure leaves no half-written folder. Reading checks sizes
-and checksums first, so a truncated or corrupted file gives a :class:`StorageError` naming it.
+Writing is atomic (:mod:`surgery.io._atomic`): everything goes into a temporary folder next to
+the target, which is renamed into place at the end; a failure leaves no half-written folder.
+Reading checks sizes and checksums first, so a truncated or corrupted file gives a
+:class:`StorageError` naming it.
 """
 
 from __future__ import annotations
@@ -30,8 +25,6 @@ import copy
 import hashlib
 import json
 import os
-import shutil
-import tempfile
 from collections import OrderedDict
 from pathlib import Path
 from typing import Any
@@ -42,6 +35,7 @@ import torch.nn as nn
 from surgery.cut.apply import check_plan, slice_model
 from surgery.cut.plan import PruningPlan, fingerprint
 from surgery.errors import PlanError, StorageError
+from surgery.io._atomic import atomic_folder
 from surgery.io.architecture import Architecture
 
 FORMAT = "surgery-pruned-model"
@@ -57,11 +51,8 @@ MANIFEST = "surgery.json"
 
 
 def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
     with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            h.update(block)
-    return h.hexdigest()
+        return hashlib.file_digest(f, "sha256").hexdigest()
 
 
 def _base_fingerprint(arch: Architecture) -> str:
@@ -90,61 +81,45 @@ def save(
     architecture is built once (on the meta device) and must match the plan's fingerprint, so
     a folder that could not be loaded back is never written. Returns ``path``.
     """
-    from safetensors.torch import save_model
-
     path = Path(path)
     arch = Architecture.parse(architecture)
     if check:
-        actual = _base_fingerprint(arch)
-        if actual != plan.fingerprint:
-            raise StorageError(
-                f"the architecture {arch.source}:{arch.name} does not build the model this plan "
-                f"was made for (fingerprint {actual}, plan {plan.fingerprint}); pass the unpruned "
-                "model or its exact constructor arguments as architecture=."
-            )
-    if path.exists() and not overwrite:
-        raise StorageError(f"{path} already exists; pass overwrite=True to replace it.")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.tmp-"))
-    try:
-        save_model(model, str(tmp / WEIGHTS), metadata={"format": "pt"})
-        (tmp / PLAN).write_text(plan.to_json())
-        _write_hf_config(model, tmp)
-        manifest = {
-            "format": FORMAT,
-            "version": FORMAT_VERSION,
-            "architecture": arch.to_dict(),
-            "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
-            "files": {name: {"bytes": (tmp / name).stat().st_size, "sha256": _sha256(tmp / name)}
-                      for name in (WEIGHTS, PLAN)},
-        }
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=1))
-        for f in tmp.iterdir():
-            with open(f, "rb") as fh:
-                os.fsync(fh.fileno())
-        _replace(tmp, path)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
+        check_architecture(arch, plan)
+    with atomic_folder(path, overwrite=overwrite) as tmp:
+        write_folder(model, tmp, plan, arch)
     return path
 
 
-def _replace(tmp: Path, path: Path) -> None:
-    """Rename ``tmp`` to ``path``; an existing ``path`` is moved aside first and removed only
-    once the new folder is in place."""
-    old = None
-    if path.exists():
-        old = Path(tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.old-"))
-        os.rmdir(old)
-        os.replace(path, old)
-    try:
-        os.replace(tmp, path)
-    except BaseException:
-        if old is not None:
-            os.replace(old, path)
-        raise
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+def check_architecture(arch: Architecture, plan: PruningPlan) -> None:
+    """Refuse to save with an architecture that does not build the model ``plan`` was made
+    for: such a folder could never be loaded back."""
+    actual = _base_fingerprint(arch)
+    if actual != plan.fingerprint:
+        raise StorageError(
+            f"the architecture {arch.source}:{arch.name} does not build the model this plan "
+            f"was made for (fingerprint {actual}, plan {plan.fingerprint}); pass the unpruned "
+            "model or its exact constructor arguments as architecture=."
+        )
+
+
+def write_folder(model: nn.Module, folder: Path, plan: PruningPlan, arch: Architecture) -> None:
+    """The files of a saved pruned model, into the existing (temporary) ``folder``; callers
+    that add files of their own (``surgery prune``'s report) write in the same folder before
+    it is renamed into place (:func:`surgery.io._atomic.atomic_folder`)."""
+    from safetensors.torch import save_model
+
+    save_model(model, str(folder / WEIGHTS), metadata={"format": "pt"})
+    (folder / PLAN).write_text(plan.to_json())
+    _write_hf_config(model, folder)
+    manifest = {
+        "format": FORMAT,
+        "version": FORMAT_VERSION,
+        "architecture": arch.to_dict(),
+        "model_class": f"{type(model).__module__}.{type(model).__qualname__}",
+        "files": {name: {"bytes": (folder / name).stat().st_size,
+                         "sha256": _sha256(folder / name)} for name in (WEIGHTS, PLAN)},
+    }
+    (folder / MANIFEST).write_text(json.dumps(manifest, indent=1))
 
 
 def _write_hf_config(model: nn.Module, folder: Path) -> None:

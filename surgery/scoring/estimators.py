@@ -29,19 +29,33 @@ channels than samples or constant channels.
 
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from typing import Callable
 
 import numpy as np
 import torch
 
 from surgery.stats.moments import MomentSums
 
+Estimator = Callable[..., np.ndarray]
+ESTIMATORS: dict[str, Estimator] = {}
+"""Built-in estimators by name, filled by :func:`register`; plugins add theirs through the
+``surgery_estimators`` hook. ``estimate(sums, x_atoms, t_columns, n_atoms)`` returns one MI
+value per atom."""
 
-class Estimator(Protocol):
-    def __call__(self, sums: MomentSums, x_atoms: np.ndarray, t_columns: np.ndarray,
-                 n_atoms: int) -> np.ndarray: ...
+
+def register(name: str, *, needs_samples: bool = False) -> Callable[[Estimator], Estimator]:
+    """Decorator: make ``estimate`` the built-in estimator ``name``; ``needs_samples`` asks
+    calibration for a reservoir of rows (``MomentSums.rows()``) besides the moments."""
+
+    def add(estimate: Estimator) -> Estimator:
+        estimate.needs_samples = needs_samples  # type: ignore[attr-defined]
+        ESTIMATORS[name] = estimate
+        return estimate
+
+    return add
 
 
+@register("gaussian")
 def gaussian(sums: MomentSums, x_atoms: np.ndarray, t_columns: np.ndarray, n_atoms: int,
              *, ridge: float = 1e-3) -> np.ndarray:
     """Gaussian MI of each atom (its x columns jointly) with the selected t columns."""
@@ -102,6 +116,7 @@ def _ranks(v: torch.Tensor, bins: int) -> torch.Tensor:
     return (order * bins // len(v)).clamp_max(bins - 1)
 
 
+@register("binned", needs_samples=True)
 def binned(sums: MomentSums, x_atoms: np.ndarray, t_columns: np.ndarray, n_atoms: int,
            *, bins: int | None = None, components: int = 4) -> np.ndarray:
     """Histogram MI (nats) of each x column with each target component on equal-frequency
@@ -125,6 +140,7 @@ def binned(sums: MomentSums, x_atoms: np.ndarray, t_columns: np.ndarray, n_atoms
     return _per_atom(total.clamp_min(0), x_atoms, n_atoms)
 
 
+@register("ksg", needs_samples=True)
 def ksg(sums: MomentSums, x_atoms: np.ndarray, t_columns: np.ndarray, n_atoms: int,
         *, k: int = 3, components: int = 4, samples: int = 1024, chunk: int = 16) -> np.ndarray:
     """KSG estimator 1 (nats) of each x column with the target's top components jointly:
@@ -153,11 +169,6 @@ def ksg(sums: MomentSums, x_atoms: np.ndarray, t_columns: np.ndarray, n_atoms: i
     return _per_atom(out.clamp_min(0), x_atoms, n_atoms)
 
 
-binned.needs_samples = True  # type: ignore[attr-defined]
-ksg.needs_samples = True  # type: ignore[attr-defined]
-
-ESTIMATORS: dict[str, Callable[..., np.ndarray]] = {"gaussian": gaussian, "binned": binned,
-                                                    "ksg": ksg}
 
 
 def get_estimator(name: str) -> Callable[..., np.ndarray]:

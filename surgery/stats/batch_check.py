@@ -7,7 +7,7 @@ from typing import Any
 
 import torch
 
-from surgery._core.batches import as_args, first_tensor
+from surgery._core.batches import as_args
 from surgery.errors import CalibrationError
 
 
@@ -71,8 +71,3 @@ def check_batch(b: int, inputs: Any, capture: Any) -> None:
 
 
 _MISSING = object()
-
-
-def batch_size(inputs: Any) -> int:
-    t = first_tensor(inputs)
-    return int(t.shape[0]) if t is not None and t.ndim else 1

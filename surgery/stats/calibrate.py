@@ -14,12 +14,12 @@ from typing import Any, Callable, Iterable
 import torch
 import torch.nn.functional as F
 
-from surgery._core.batches import as_args, first_tensor, split_batch, to_device
+from surgery._core.batches import as_args, first_tensor, rows, split_batch, to_device
 from surgery._core.memory import release_heap
 from surgery._core.modes import evaluating
 from surgery.errors import CalibrationError
 from surgery.graph.groups import OUTPUT, Coupling, Probe
-from surgery.stats.batch_check import batch_size, check_batch, expected_inputs
+from surgery.stats.batch_check import check_batch, expected_inputs
 from surgery.stats.moments import MomentSums
 from surgery.stats.probes import Features, _align, _columns, _features, _instrument, _linear_target
 
@@ -203,7 +203,7 @@ class _Fold:
                     f"{b}; check the inputs' scale and the model's weights."
                 )
         result.batches += 1
-        result.samples += batch_size(inputs)
+        result.samples += rows(inputs) or 1
 
     def _allocate(self, top: torch.Tensor | None) -> None:
         """Every relation's sums, before the first batch's temporaries (see MomentSums)."""

@@ -8,6 +8,7 @@ example and, when both have the same pooled spatial or token layout, position by
 
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass
 from typing import Any
 
@@ -151,10 +152,7 @@ def _instrument(gm: fx.GraphModule, needed: dict[tuple[str, int], None], grid: i
     root: dict[str, Any] = {}
     for node in gm.graph.nodes:
         if node.op in ("get_attr", "call_module"):
-            obj: Any = gm
-            for part in node.target.split("."):
-                obj = getattr(obj, part)
-            root[node.target] = obj
+            root[node.target] = operator.attrgetter(node.target)(gm)
     store: dict[tuple[str, int], torch.Tensor] = {}
     probes: list[str] = []
     for node in gm.graph.nodes:

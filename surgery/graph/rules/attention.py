@@ -5,12 +5,16 @@ Contracted axes are one channel space; head (batch) axes of q, k and v are one.
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import numpy as np
+import torch
 import torch.fx as fx
+import torch.nn.functional as F
 
 from surgery.graph.propagate import Consume, Propagation, Track, Tracks
+from surgery.graph.rules.registry import BUILTIN
 from surgery.graph.rules.tracks import merge_tracks
 
 
@@ -40,6 +44,7 @@ def _batch_tracks(prop: Propagation, args: list[Any], out_nd: int, skip_last: in
     return merge_tracks(prop, placed)
 
 
+@BUILTIN.function(torch.matmul, operator.matmul, torch.bmm, "Tensor.matmul")
 def matmul_rule(prop: Propagation, node: fx.Node) -> None:
     a, b = node.args[0], node.args[1]
     sa, sb, so = prop.shape(a), prop.shape(b), prop.shape(node)
@@ -62,6 +67,7 @@ def matmul_rule(prop: Propagation, node: fx.Node) -> None:
     prop.set(node, merge_tracks(prop, out))
 
 
+@BUILTIN.function(F.scaled_dot_product_attention)
 def sdpa_rule(prop: Propagation, node: fx.Node) -> None:
     """scaled_dot_product_attention: q and k meet on the head dim; heads of q, k, v are one."""
     q, k, v = node.args[:3]

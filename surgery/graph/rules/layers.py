@@ -12,9 +12,11 @@ from typing import Any
 import numpy as np
 import torch.fx as fx
 import torch.nn as nn
+import torch.nn.functional as F
 
 from surgery.graph.propagate import Consume, Propagation, Track
-from surgery.graph.rules.tracks import _node_args, _param_ids, pin_size_reads
+from surgery.graph.rules.registry import BUILTIN
+from surgery.graph.rules.tracks import node_args, param_ids, pin_size_reads
 
 
 def conv(
@@ -47,6 +49,7 @@ def conv(
     prop.set(node, [Track((1,), w_out)])
 
 
+@BUILTIN.module(nn.Conv1d, nn.Conv2d, nn.Conv3d)
 def conv_module(prop: Propagation, node: fx.Node, module: nn.Module) -> None:
     name = node.target
     biases = [prop.param(f"{name}.bias", 0)] if module.bias is not None else []
@@ -54,12 +57,13 @@ def conv_module(prop: Propagation, node: fx.Node, module: nn.Module) -> None:
     conv(prop, node, node.args[0], prop.param(f"{name}.weight", 0), w_in, biases, module.groups)
 
 
+@BUILTIN.function(F.conv1d, F.conv2d, F.conv3d)
 def conv_function(prop: Propagation, node: fx.Node) -> None:
-    x, w, b, _, _, _, groups = _node_args(
+    x, w, b, _, _, _, groups = node_args(
         node, ("input", "weight", "bias", "stride", "padding", "dilation", "groups")
     )
     groups = groups or 1
-    w_out = _param_ids(prop, w, 0)
+    w_out = param_ids(prop, w, 0)
     if w_out is None:
         prop.opaque_op(node, "conv with a computed weight")
         return
@@ -69,8 +73,8 @@ def conv_function(prop: Propagation, node: fx.Node) -> None:
     elif groups > 1:  # a literal group count (F.conv2d(x, w, groups=self.channels)) stays
         prop.freeze(w_out, "conv with a literal group count")
         prop.freeze(prop.channel_ids(x, 1, "input of a conv"), "conv with a literal group count")
-    b_ids = _param_ids(prop, b, 0)
-    conv(prop, node, x, w_out, _param_ids(prop, w, 1) if groups == 1 else None,
+    b_ids = param_ids(prop, b, 0)
+    conv(prop, node, x, w_out, param_ids(prop, w, 1) if groups == 1 else None,
          [b_ids] if b_ids is not None else [], groups)
 
 
@@ -89,6 +93,7 @@ def linear(prop: Propagation, node: fx.Node, x: Any, w_out: np.ndarray, w_in: np
     prop.set(node, keep + [Track((nd - 1,), w_out)])
 
 
+@BUILTIN.module(nn.Linear)
 def linear_module(prop: Propagation, node: fx.Node, module: nn.Module) -> None:
     name = node.target
     biases = [prop.param(f"{name}.bias", 0)] if module.bias is not None else []
@@ -96,13 +101,14 @@ def linear_module(prop: Propagation, node: fx.Node, module: nn.Module) -> None:
            prop.param(f"{name}.weight", 1), biases)
 
 
+@BUILTIN.function(F.linear)
 def linear_function(prop: Propagation, node: fx.Node) -> None:
-    x, w, b = _node_args(node, ("input", "weight", "bias"))
-    w_out, w_in = _param_ids(prop, w, 0), _param_ids(prop, w, 1)
+    x, w, b = node_args(node, ("input", "weight", "bias"))
+    w_out, w_in = param_ids(prop, w, 0), param_ids(prop, w, 1)
     if w_out is None or w_in is None:
         prop.opaque_op(node, "linear with a computed weight")
         return
-    b_ids = _param_ids(prop, b, 0)
+    b_ids = param_ids(prop, b, 0)
     linear(prop, node, x, w_out, w_in, [b_ids] if b_ids is not None else [])
 
 
@@ -116,27 +122,32 @@ def per_channel(prop: Propagation, node: fx.Node, x: Any, axis: int,
     prop.set(node, list(prop.get(x)))
 
 
+@BUILTIN.module(nn.BatchNorm1d, nn.BatchNorm2d, nn.BatchNorm3d, nn.InstanceNorm1d,
+                nn.InstanceNorm2d, nn.InstanceNorm3d)
 def batch_norm_module(prop: Propagation, node: fx.Node, module: nn.Module) -> None:
     names = [n for n in ("weight", "bias", "running_mean", "running_var")
              if getattr(module, n, None) is not None]
     per_channel(prop, node, node.args[0], 1, [prop.param(f"{node.target}.{n}", 0) for n in names])
 
 
+@BUILTIN.function(F.batch_norm)
 def batch_norm_function(prop: Propagation, node: fx.Node) -> None:
-    x, rm, rv, w, b = _node_args(node, ("input", "running_mean", "running_var", "weight", "bias"))
-    ids = [i for i in (_param_ids(prop, a, 0) for a in (rm, rv, w, b)) if i is not None]
+    x, rm, rv, w, b = node_args(node, ("input", "running_mean", "running_var", "weight", "bias"))
+    ids = [i for i in (param_ids(prop, a, 0) for a in (rm, rv, w, b)) if i is not None]
     per_channel(prop, node, x, 1, ids)
 
 
+@BUILTIN.module(nn.LayerNorm)
 def layer_norm_module(prop: Propagation, node: fx.Node, module: nn.Module) -> None:
     params = [prop.param(f"{node.target}.{n}", 0) for n in ("weight", "bias")
               if getattr(module, n, None) is not None]
     _layer_norm(prop, node, node.args[0], len(module.normalized_shape), params)
 
 
+@BUILTIN.function(F.layer_norm)
 def layer_norm_function(prop: Propagation, node: fx.Node) -> None:
-    x, shape, w, b = _node_args(node, ("input", "normalized_shape", "weight", "bias"))
-    params = [i for i in (_param_ids(prop, a, 0) for a in (w, b)) if i is not None]
+    x, shape, w, b = node_args(node, ("input", "normalized_shape", "weight", "bias"))
+    params = [i for i in (param_ids(prop, a, 0) for a in (w, b)) if i is not None]
     _layer_norm(prop, node, x, len(shape), params)
 
 
@@ -157,15 +168,17 @@ def group_norm(prop: Propagation, node: fx.Node, x: Any, groups: int,
     per_channel(prop, node, x, 1, params)
 
 
+@BUILTIN.module(nn.GroupNorm)
 def group_norm_module(prop: Propagation, node: fx.Node, module: nn.Module) -> None:
     params = [prop.param(f"{node.target}.{n}", 0) for n in ("weight", "bias")
               if getattr(module, n, None) is not None]
     group_norm(prop, node, node.args[0], module.num_groups, params)
 
 
+@BUILTIN.function(F.group_norm)
 def group_norm_function(prop: Propagation, node: fx.Node) -> None:
-    x, groups, w, b = _node_args(node, ("input", "num_groups", "weight", "bias"))
-    params = [i for i in (_param_ids(prop, a, 0) for a in (w, b)) if i is not None]
+    x, groups, w, b = node_args(node, ("input", "num_groups", "weight", "bias"))
+    params = [i for i in (param_ids(prop, a, 0) for a in (w, b)) if i is not None]
     group_norm(prop, node, x, groups, params)
 
 
@@ -175,13 +188,15 @@ def embedding(prop: Propagation, node: fx.Node, dim_ids: np.ndarray) -> None:
     prop.set(node, [Track((nd - 1,), dim_ids)])
 
 
+@BUILTIN.module(nn.Embedding)
 def embedding_module(prop: Propagation, node: fx.Node, module: nn.Module) -> None:
     embedding(prop, node, prop.param(f"{node.target}.weight", 1))
 
 
+@BUILTIN.function(F.embedding)
 def embedding_function(prop: Propagation, node: fx.Node) -> None:
-    _, w = _node_args(node, ("input", "weight"))
-    ids = _param_ids(prop, w, 1)
+    _, w = node_args(node, ("input", "weight"))
+    ids = param_ids(prop, w, 1)
     if ids is None:
         prop.opaque_op(node, "embedding with a computed weight")
         return

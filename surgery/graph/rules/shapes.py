@@ -7,14 +7,18 @@ size fixed at trace time that a cut would have to change pins the channels it re
 
 from __future__ import annotations
 
+import operator
 from typing import Any
 
 import numpy as np
 import torch
 import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
 
 from surgery.graph.propagate import Propagation, Track, Tracks
-from surgery.graph.rules.tracks import _node_args, _size_read, merge_tracks, pin_size_reads
+from surgery.graph.rules.registry import BUILTIN
+from surgery.graph.rules.tracks import node_args, size_read, merge_tracks, pin_size_reads
 
 
 def _factor_groups(a: list[int], b: list[int]) -> list[tuple[list[int], list[int]]]:
@@ -92,6 +96,7 @@ def _literal_dims(shape_args: list[Any]) -> set[int]:
     return {i for i, s in enumerate(shape_args) if isinstance(s, int) and s not in (-1, 1)}
 
 
+@BUILTIN.function("Tensor.view", "Tensor.reshape", torch.reshape)
 def view_rule(prop: Propagation, node: fx.Node) -> None:
     """view/reshape: like :func:`reshape_tracks`; a channel axis whose new size is written as
     a literal int would not adapt after pruning, so its channels are pinned. A size read from
@@ -120,7 +125,7 @@ def view_rule(prop: Propagation, node: fx.Node) -> None:
     for axis, size in enumerate(shape_args):
         if not isinstance(size, fx.Node):
             continue
-        direct = _size_read(prop, size)
+        direct = size_read(prop, size)
         if direct is not None and len(direct) == 1 and axis in mine:
             read = prop.track_on(*direct[0])
             if read is not None and len(read.ids) == len(mine[axis].ids):
@@ -132,6 +137,7 @@ def view_rule(prop: Propagation, node: fx.Node) -> None:
     prop.set(node, out)
 
 
+@BUILTIN.function("Tensor.reshape_as", "Tensor.view_as")
 def reshape_as_rule(prop: Propagation, node: fx.Node) -> None:
     """reshape_as/view_as: the new shape is ``other``'s, so each output axis must keep the
     same count as ``other``'s axis: channels on both are one; on one side only, pinned."""
@@ -154,10 +160,11 @@ def reshape_as_rule(prop: Propagation, node: fx.Node) -> None:
     prop.set(node, out)
 
 
+@BUILTIN.function(torch.stack)
 def stack_rule(prop: Propagation, node: fx.Node) -> None:
     """torch.stack: a new axis at ``dim``; the inputs' channels on each other axis are one
     (as in :func:`pointwise`); an input with no ids there pins them."""
-    tensors, dim = _node_args(node, ("tensors", "dim"))
+    tensors, dim = node_args(node, ("tensors", "dim"))
     out_shape = prop.shape(node)
     if out_shape is None or not isinstance(tensors, (tuple, list)):
         prop.opaque_op(node, "stack without shapes")
@@ -177,10 +184,11 @@ def stack_rule(prop: Propagation, node: fx.Node) -> None:
     prop.set(node, merged)
 
 
+@BUILTIN.function(F.pad)
 def pad_rule(prop: Propagation, node: fx.Node) -> None:
     """F.pad: ``pad`` pairs cover the last axes; channels on unpadded axes pass, channels on
     a padded axis are pinned (the new positions belong to no channel)."""
-    src, pad = _node_args(node, ("input", "pad"))[:2]
+    src, pad = node_args(node, ("input", "pad"))[:2]
     shape = prop.shape(src)
     if shape is None or not isinstance(pad, (tuple, list)):
         prop.opaque_op(node, "pad without shapes")
@@ -196,6 +204,8 @@ def pad_rule(prop: Propagation, node: fx.Node) -> None:
     prop.set(node, out)
 
 
+@BUILTIN.function(torch.flatten, "Tensor.flatten", torch.squeeze, "Tensor.squeeze",
+                  torch.unsqueeze, "Tensor.unsqueeze")
 def reshape_like_rule(prop: Propagation, node: fx.Node) -> None:
     """flatten/squeeze/unsqueeze: the target shape follows the input, so nothing is pinned."""
     src = node.args[0]
@@ -206,6 +216,7 @@ def reshape_like_rule(prop: Propagation, node: fx.Node) -> None:
     prop.set(node, reshape_tracks(prop, prop.get(src), in_shape, out_shape))
 
 
+@BUILTIN.function("Tensor.unflatten", torch.unflatten)
 def unflatten_rule(prop: Propagation, node: fx.Node) -> None:
     src = node.args[0]
     out = reshape_tracks(prop, prop.get(src), prop.shape(src), prop.shape(node))
@@ -219,6 +230,7 @@ def unflatten_rule(prop: Propagation, node: fx.Node) -> None:
     prop.set(node, out)
 
 
+@BUILTIN.function("Tensor.permute", torch.permute)
 def permute_rule(prop: Propagation, node: fx.Node) -> None:
     dims = node.args[1:] if node.op == "call_method" else node.args[1]
     if node.op == "call_method" and len(dims) == 1 and isinstance(dims[0], (tuple, list)):
@@ -230,16 +242,21 @@ def permute_rule(prop: Propagation, node: fx.Node) -> None:
     prop.set(node, [Track((dims.index(t.axes[0]),), t.ids) for t in prop.get(node.args[0])])
 
 
+@BUILTIN.function("Tensor.transpose", torch.transpose, "Tensor.t", torch.t)
 def transpose_rule(prop: Propagation, node: fx.Node) -> None:
     nd = len(prop.shape(node))
     if node.target in ("t",) or node.target is torch.t:
         d0, d1 = 0, 1
     else:
-        d0, d1 = (a % nd for a in _node_args(node, ("input", "dim0", "dim1"))[1:])
+        d0, d1 = (a % nd for a in node_args(node, ("input", "dim0", "dim1"))[1:])
     swap = {d0: d1, d1: d0}
-    prop.set(node, [Track((swap.get(t.axes[0], t.axes[0]),), t.ids) for t in prop.get(node.args[0])])
+    prop.set(node, [Track((swap.get(t.axes[0], t.axes[0]),), t.ids)
+                    for t in prop.get(node.args[0])])
 
 
+@BUILTIN.function(torch.mean, torch.sum, torch.amax, torch.amin, torch.std, torch.var,
+                  torch.logsumexp, "Tensor.mean", "Tensor.sum", "Tensor.amax", "Tensor.amin",
+                  "Tensor.std", "Tensor.var", "Tensor.logsumexp", "Tensor.norm")
 def reduce_rule(prop: Propagation, node: fx.Node) -> None:
     """mean/sum/amax/...: channels on reduced axes collapse into one, others move left."""
     src = node.args[0]
@@ -247,7 +264,7 @@ def reduce_rule(prop: Propagation, node: fx.Node) -> None:
     if in_shape is None or out_shape is None:
         prop.set(node, [])
         return
-    dim, keepdim = _node_args(node, ("input", "dim", "keepdim"))[1:]
+    dim, keepdim = node_args(node, ("input", "dim", "keepdim"))[1:]
     nd = len(in_shape)
     if dim is None:
         dims = set(range(nd))
@@ -264,11 +281,12 @@ def reduce_rule(prop: Propagation, node: fx.Node) -> None:
     prop.set(node, out)
 
 
+@BUILTIN.function(torch.cat, torch.concat)
 def cat_rule(prop: Propagation, node: fx.Node) -> None:
     """Concatenation: ids of the inputs side by side on the cat axis; other axes union. A
     tensor with no ids on another axis (the raw input, a constant) pins that axis's channels,
     as in :func:`pointwise`: its width there would not follow a cut."""
-    tensors, dim = _node_args(node, ("tensors", "dim"))
+    tensors, dim = node_args(node, ("tensors", "dim"))
     dim = 0 if dim is None else dim
     out_shape = prop.shape(node)
     nd = len(out_shape)
@@ -276,8 +294,9 @@ def cat_rule(prop: Propagation, node: fx.Node) -> None:
     pieces, others = [], []
     for arg in tensors:
         shape = prop.shape(arg)
+        tracked = any(t.axes == (dim,) for t in prop.get(arg))
         pieces.append(prop.channel_ids(arg, dim, "concatenated with an untracked tensor")
-                      if any(t.axes == (dim,) for t in prop.get(arg)) else _untracked(prop, shape[dim]))
+                      if tracked else _untracked(prop, shape[dim]))
         others.extend(t for t in prop.get(arg) if t.axes != (dim,))
     cat_ids = np.concatenate(pieces)
     others = merge_tracks(prop, others)
@@ -296,6 +315,8 @@ def _untracked(prop: Propagation, size: int) -> np.ndarray:
     return ids
 
 
+@BUILTIN.function(torch.split, torch.chunk, torch.unbind, "Tensor.split", "Tensor.chunk",
+                  "Tensor.unbind")
 def split_rule(prop: Propagation, node: fx.Node) -> None:
     """split/chunk/unbind: outputs are a tuple; splitting a channel axis pins it, since the
     split sizes are fixed when the graph was traced."""
@@ -307,11 +328,11 @@ def split_rule(prop: Propagation, node: fx.Node) -> None:
         return
     name = getattr(node.target, "__name__", node.target)
     if name == "unbind":
-        dim = _node_args(node, ("input", "dim"))[1] or 0
+        dim = node_args(node, ("input", "dim"))[1] or 0
     elif name == "chunk":
-        dim = _node_args(node, ("input", "chunks", "dim"))[2] or 0
+        dim = node_args(node, ("input", "chunks", "dim"))[2] or 0
     else:
-        dim = _node_args(node, ("input", "split_size_or_sections", "dim"))[2] or 0
+        dim = node_args(node, ("input", "split_size_or_sections", "dim"))[2] or 0
     nd = len(in_shape)
     dim %= nd
     outs = []
@@ -329,6 +350,7 @@ def split_rule(prop: Propagation, node: fx.Node) -> None:
     prop.set(node, tuple(outs))
 
 
+@BUILTIN.function(operator.getitem)
 def getitem_rule(prop: Propagation, node: fx.Node) -> None:
     src, index = node.args
     value = prop.tracks.get(src.name) if isinstance(src, fx.Node) else None
@@ -380,6 +402,7 @@ def getitem_rule(prop: Propagation, node: fx.Node) -> None:
     prop.set(node, out)
 
 
+@BUILTIN.function("Tensor.expand", "Tensor.expand_as")
 def expand_rule(prop: Propagation, node: fx.Node) -> None:
     """expand / expand_as: tracks move right by the new leading axes; an axis broadcast from
     size 1 (a class token expanded over the batch) repeats one value, so its id is dropped."""
@@ -391,3 +414,8 @@ def expand_rule(prop: Propagation, node: fx.Node) -> None:
     off = len(out_shape) - len(in_shape)
     prop.set(node, [Track((t.axes[0] + off,), t.ids) for t in prop.get(src)
                     if in_shape[t.axes[0]] == out_shape[t.axes[0] + off]])
+
+
+@BUILTIN.module(nn.Flatten)
+def flatten_module(prop: Propagation, node: fx.Node, module: nn.Module) -> None:
+    reshape_like_rule(prop, node)

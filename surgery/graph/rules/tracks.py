@@ -1,23 +1,72 @@
-"""Track algebra shared by the channel rules: merging tracks, elementwise ops, size reads.
+"""Track algebra shared by the channel rules, and the rules of elementwise, pooling and size ops.
 
-A rule reads the channel tracks of a node's inputs from a :class:`surgery.graph.propagate.Propagation` and
-sets the node's output tracks; these are the pieces most rules (and plugins' rules) are built from.
+A rule reads the channel tracks of a node's inputs from a
+:class:`~surgery.graph.propagate.Propagation` and sets the node's output tracks; the helpers
+here (merging tracks, elementwise broadcasting, reading arguments, pinning sizes read at trace
+time) are what most rules, the built-in ones and plugins', are built from.
 """
 
 from __future__ import annotations
 
 import builtins
+import math
 import operator
 from typing import Any
 
 import numpy as np
+import torch
 import torch.fx as fx
+import torch.nn as nn
+import torch.nn.functional as F
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from surgery.graph.propagate import Propagation, Track, Tracks
+from surgery.graph.rules.registry import BUILTIN
+
+POINTWISE_FUNCTIONS: list[Any] = [
+    operator.sub, operator.mul, operator.truediv, operator.iadd, operator.imul,
+    torch.add, torch.sub, torch.mul, torch.div, torch.where, torch.maximum, torch.minimum,
+    "Tensor.add", "Tensor.sub", "Tensor.mul", "Tensor.div", "Tensor.add_", "Tensor.mul_",
+    "Tensor.sub_", "Tensor.div_", "Tensor.masked_fill", "Tensor.where",
+]
+UNARY_FUNCTIONS: list[Any] = [
+    F.relu, F.relu6, F.gelu, F.silu, F.sigmoid, F.tanh, F.hardswish, F.hardsigmoid,
+    F.leaky_relu, F.elu, F.mish, F.softplus, F.dropout, F.hardtanh, F.softmax, F.log_softmax,
+    torch.relu, torch.sigmoid, torch.tanh, torch.exp, torch.sqrt, torch.rsqrt, torch.abs,
+    torch.softmax, torch.clamp, torch.erf, torch.pow, operator.neg, operator.pow,
+    "Tensor.relu", "Tensor.sigmoid", "Tensor.tanh", "Tensor.exp", "Tensor.sqrt",
+    "Tensor.rsqrt", "Tensor.pow", "Tensor.clamp", "Tensor.clamp_min", "Tensor.clamp_max",
+    "Tensor.softmax", "Tensor.abs", "Tensor.neg", "Tensor.relu_", "Tensor.sigmoid_",
+    "Tensor.erf",
+]
+POINTWISE_MODULES = (
+    nn.ReLU, nn.ReLU6, nn.GELU, nn.SiLU, nn.Sigmoid, nn.Tanh, nn.Hardswish, nn.Hardsigmoid,
+    nn.LeakyReLU, nn.ELU, nn.SELU, nn.CELU, nn.Mish, nn.Softplus, nn.Hardtanh, nn.Identity,
+    nn.Dropout, nn.Dropout1d, nn.Dropout2d, nn.Dropout3d, nn.AlphaDropout, nn.Softmax,
+    nn.LogSoftmax, nn.Tanhshrink,
+)
+SAME_CHANNEL_METHODS: list[Any] = [
+    "Tensor.to", "Tensor.type_as", "Tensor.float", "Tensor.half", "Tensor.bfloat16",
+    "Tensor.contiguous", "Tensor.clone", "Tensor.detach", "Tensor.type", "Tensor.double",
+]
+POOL_FUNCTIONS: list[Any] = [
+    F.adaptive_avg_pool2d, F.adaptive_max_pool2d, F.avg_pool2d, F.max_pool2d,
+    F.adaptive_avg_pool1d, F.avg_pool1d, F.max_pool1d, F.interpolate,
+]
+POOL_MODULES = (
+    nn.MaxPool1d, nn.MaxPool2d, nn.MaxPool3d, nn.AvgPool1d, nn.AvgPool2d, nn.AvgPool3d,
+    nn.AdaptiveAvgPool1d, nn.AdaptiveAvgPool2d, nn.AdaptiveAvgPool3d, nn.AdaptiveMaxPool1d,
+    nn.AdaptiveMaxPool2d, nn.AdaptiveMaxPool3d, nn.Upsample, nn.UpsamplingNearest2d,
+    nn.UpsamplingBilinear2d, nn.ZeroPad2d,
+)
+NO_CHANNEL_FUNCTIONS: list[Any] = [
+    builtins.getattr, "Tensor.size", "Tensor.dim", "Tensor.numel", "Tensor.ndimension",
+    torch._assert, operator.eq, operator.ne, operator.lt, operator.gt, operator.floordiv,
+    math.sqrt,
+]
 
 
-def _node_args(node: fx.Node, names: tuple[str, ...]) -> list[Any]:
+def node_args(node: fx.Node, names: tuple[str, ...]) -> list[Any]:
     """Positional-or-keyword arguments of a call, by parameter name, None when absent."""
     out = []
     for i, name in enumerate(names):
@@ -39,6 +88,7 @@ def merge_tracks(prop: Propagation, tracks: Tracks) -> Tracks:
     return sorted(by_axis.values(), key=lambda t: t.axes)
 
 
+@BUILTIN.function(*POINTWISE_FUNCTIONS)
 def pointwise(prop: Propagation, node: fx.Node, operands: list[Any] | None = None) -> None:
     """Elementwise op with broadcasting (add, mul, activations): channels on aligned axes of
     all operands are one. An operand with a full-size axis that carries no ids (a constant,
@@ -81,6 +131,7 @@ def _sequence_tracks(prop: Propagation, arg: Any) -> tuple | None:
     return None
 
 
+@BUILTIN.function(operator.add)
 def add_rule(prop: Propagation, node: fx.Node) -> None:
     """``+``: elementwise for tensors; for tuples (``(x,) + outputs[1:]`` in module code) the
     element tracks are concatenated."""
@@ -101,13 +152,14 @@ def passthrough(prop: Propagation, node: fx.Node, source: Any = None) -> None:
         prop.opaque_op(node, f"shape-changing {node.target}")
 
 
+@BUILTIN.function(*POOL_FUNCTIONS)
 def keep_leading_axes(prop: Propagation, node: fx.Node, count: int = 2) -> None:
     """Pooling / resizing: channels on the first ``count`` axes survive, others are resampled."""
     src = node.args[0]
     prop.set(node, [t for t in prop.get(src) if all(a < count for a in t.axes)])
 
 
-def _size_read(prop: Propagation, node: fx.Node) -> list[tuple[fx.Node, int]] | None:
+def size_read(prop: Propagation, node: fx.Node) -> list[tuple[fx.Node, int]] | None:
     """The tensor axes a size node reads (``x.size(k)``, ``x.shape[k]``, ``x.shape[a:b]``,
     ``x.size()``, ``x.shape``, ``x.numel()``), or None when ``node`` is no size read."""
 
@@ -148,7 +200,7 @@ def _size_read(prop: Propagation, node: fx.Node) -> list[tuple[fx.Node, int]] | 
     return axes(base, None) if base is not None else None
 
 
-def _size_reads(prop: Propagation, arg: Any) -> list[tuple[fx.Node, int]]:
+def size_reads(prop: Propagation, arg: Any) -> list[tuple[fx.Node, int]]:
     """Every tensor axis whose size a computed (non-tensor) argument depends on, through
     integer arithmetic and tuple building (``C // self.num_heads``, ``(*x.shape[:-1], -1)``)."""
     out: list[tuple[fx.Node, int]] = []
@@ -170,7 +222,7 @@ def _size_reads(prop: Propagation, arg: Any) -> list[tuple[fx.Node, int]]:
         seen.add(item.name)
         if isinstance(item.meta.get("tensor_meta"), TensorMetadata):
             continue  # a tensor's values, not its sizes
-        read = _size_read(prop, item)
+        read = size_read(prop, item)
         if read is not None:
             out.extend(read)
         else:
@@ -182,17 +234,40 @@ def pin_size_reads(prop: Propagation, arg: Any, reason: str) -> None:
     """Channels on every axis ``arg``'s sizes were read from are pinned: a size computed at
     trace time from a channel axis would not follow a cut (``reshape(B, N, C)`` with ``C``
     read from the residual stream, applied to an attention output)."""
-    for tensor, axis in _size_reads(prop, arg):
+    for tensor, axis in size_reads(prop, arg):
         t = prop.track_on(tensor, axis)
         if t is not None:
             prop.freeze(t.ids, reason)
 
 
+@BUILTIN.function(*NO_CHANNEL_FUNCTIONS)
 def no_channels(prop: Propagation, node: fx.Node) -> None:
     """Ops returning sizes, dtypes or other non-tensors: nothing to track."""
     prop.set(node, [])
 
 
-def _param_ids(prop: Propagation, arg: Any, dim: int) -> np.ndarray | None:
+def param_ids(prop: Propagation, arg: Any, dim: int) -> np.ndarray | None:
     t = prop.track_on(arg, dim) if isinstance(arg, fx.Node) else None
     return None if t is None else t.ids
+
+
+@BUILTIN.function(*UNARY_FUNCTIONS)
+def unary(prop: Propagation, node: fx.Node) -> None:
+    """A function of one tensor applied elementwise: the channels pass."""
+    pointwise(prop, node, [node.args[0]])
+
+
+@BUILTIN.function(*SAME_CHANNEL_METHODS)
+def same_channels(prop: Propagation, node: fx.Node) -> None:
+    """Casts and copies: the output has the input's channels."""
+    passthrough(prop, node)
+
+
+@BUILTIN.module(*POINTWISE_MODULES)
+def pointwise_module(prop: Propagation, node: fx.Node, module: nn.Module) -> None:
+    pointwise(prop, node, [node.args[0]])
+
+
+@BUILTIN.module(*POOL_MODULES)
+def pool_module(prop: Propagation, node: fx.Node, module: nn.Module) -> None:
+    keep_leading_axes(prop, node)
