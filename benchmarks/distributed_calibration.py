@@ -45,7 +45,7 @@ def worker(images: int, batch: int) -> None:
     """One rank (or the single process): calibrate only, print timings as JSON on rank 0."""
     import surgery
     from surgery.stats import distributed
-    from surgery.stats.calibrate import calibrate
+    from surgery.stats.calibration import calibrate
 
     distributed.init_from_env()
     model, batches = setup(images, batch)
@@ -67,7 +67,7 @@ def bert_base_payload() -> str:
 
         import surgery
         from surgery.stats import distributed
-        from surgery.stats.calibrate import calibrate
+        from surgery.stats.calibration import calibrate
 
         torch.manual_seed(0)
         model = BertForSequenceClassification(BertConfig(num_labels=2)).eval()

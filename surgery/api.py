@@ -29,11 +29,11 @@ from surgery.errors import BudgetError, CalibrationError
 from surgery.graph.capture import trace
 from surgery.graph.groups import ChannelGroup, Coupling, find_groups
 from surgery.options import PruneOptions
-from surgery.plugins import call_hook
+from surgery.plugins._manager import call_hook
 from surgery.scoring.criteria import Criterion, ScoreContext, get_criterion
 from surgery.scoring.estimators import SAMPLES
 from surgery.scoring.topdown import top_down
-from surgery.stats.calibrate import calibrate
+from surgery.stats.calibration import calibrate
 
 class _Default:
     """``sparsity`` not given: the options' value (0.5 unless ``options=`` says otherwise)."""

@@ -39,3 +39,11 @@ class PluginError(SurgeryError):
 
 class LoadError(SurgeryError, ValueError):
     """A model, checkpoint, data set or pruned-model folder could not be resolved."""
+
+
+class ExportError(SurgeryError):
+    """The model could not be exported, or the exported file disagrees with PyTorch."""
+
+
+class AssetMissing(SurgeryError):
+    """A real model or data set is not installed; the message says how to install it."""

@@ -12,7 +12,7 @@ from surgery.budget.allocate import uniform_counts
 from surgery.budget.cost import CostModel
 from surgery.counting import node_macs
 from surgery.errors import BudgetError, CalibrationError
-from surgery_plugins.attention import TRANSFORMER_KIND_WEIGHTS
+from surgery_plugins.transformers_common import TRANSFORMER_KIND_WEIGHTS
 from transformer_zoo import inputs, make
 
 pytestmark = pytest.mark.usefixtures("single_thread")

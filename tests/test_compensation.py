@@ -10,7 +10,7 @@ import torch
 
 import surgery
 from surgery.cut.apply import apply_plan
-from surgery.stats.calibrate import calibrate
+from surgery.stats.calibration import calibrate
 from surgery.cut.compensation import compensate
 from surgery.cut.plan import build_plan
 

@@ -8,7 +8,7 @@ attention module from ``transformers`` whose children and attributes match one o
 
 Capture. ``trace(model, {"input_ids": ..., "attention_mask": ...})`` works because:
 
-* attention modules are fx leaves described by :func:`surgery_plugins.attention.attention_rule`
+* attention modules are fx leaves described by :func:`surgery.graph.rules.leaves.attention_rule`
   (whole heads are atoms; their forwards unpack traced shapes and dispatch to sdpa/eager);
 * embeddings modules are leaves described by ``embeddings_rule`` (their forwards build position
   and token-type ids with branches on ``None``);
@@ -41,17 +41,19 @@ from typing import Any, Callable, Iterator
 import torch
 import torch.nn as nn
 
-from surgery.hookspecs import hookimpl
-from surgery_plugins.attention import (
+from surgery.graph.rules.leaves import (
     HeadLayout,
-    KindMap,
     attention_rule,
     embeddings_rule,
-    ffn_first_linears,
     fix_attention,
+    matches,
+)
+from surgery.hookspecs import hookimpl
+from surgery_plugins.transformers_common import (
+    KindMap,
+    ffn_first_linears,
     head_keys,
     is_module_of,
-    matches,
     transformer_kind_weights,
 )
 

@@ -2,7 +2,7 @@
 
 timm. The fused ``Attention`` (``qkv`` rows laid out ``[3, heads, head_dim]``, reshaped with
 the head count as a literal) is an fx leaf described by
-:func:`surgery_plugins.attention.attention_rule`; its output projection ``proj`` is inside, as
+:func:`surgery.graph.rules.leaves.attention_rule`; its output projection ``proj`` is inside, as
 are an optional output norm and gate (per-head rows). Everything else traces: the patch
 embedding convolution, ``cls_token`` / ``reg_token`` / ``pos_embed`` (parameters read with
 ``get_attr`` and added or concatenated: their last dim joins the residual stream), LayerScale,
@@ -24,17 +24,19 @@ from typing import Any, Callable, Iterator
 
 import torch.nn as nn
 
-from surgery.hookspecs import hookimpl
-from surgery_plugins.attention import (
+from surgery.graph.rules.leaves import (
     HeadLayout,
-    KindMap,
     attention_rule,
     embeddings_rule,
-    ffn_first_linears,
     fix_attention,
+    matches,
+)
+from surgery.hookspecs import hookimpl
+from surgery_plugins.transformers_common import (
+    KindMap,
+    ffn_first_linears,
     head_keys,
     is_module_of,
-    matches,
     transformer_kind_weights,
 )
 

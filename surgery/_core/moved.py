@@ -32,8 +32,8 @@ MOVED: dict[str, tuple[str, ...]] = {
     "surgery.rules": ("surgery.graph.rules", "surgery.graph.rules.tracks",
                       "surgery.graph.rules.shapes", "surgery.graph.rules.layers",
                       "surgery.graph.rules.attention"),
-    "surgery.calibration": ("surgery.stats.calibrate", "surgery.stats.moments",
-                            "surgery.stats.probes", "surgery._core.batches",
+    "surgery.calibration": ("surgery.stats.calibration", "surgery.stats.moments",
+                            "surgery.stats._probes", "surgery._core.batches",
                             "surgery._core.memory"),
     "surgery.distributed": ("surgery.stats.distributed",),
     "surgery.criteria": ("surgery.scoring.criteria", "surgery.scoring.mi"),
@@ -52,6 +52,8 @@ MOVED: dict[str, tuple[str, ...]] = {
     "surgery_plugins.bert": ("surgery_plugins.hf_encoders",),
     "surgery_plugins.vit": ("surgery_plugins.vision_transformers",),
     "surgery_plugins.cnn": ("surgery_plugins.timm_cnn",),
+    "surgery_plugins.attention": ("surgery.graph.rules.leaves",
+                                  "surgery_plugins.transformers_common"),
 }
 
 

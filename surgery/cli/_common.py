@@ -1,31 +1,21 @@
-"""The ``surgery`` command line (Typer + Rich).
-
-``surgery demo`` (the README's main job), ``inspect`` (coupled groups, params, MACs, a drawing
-of the group structure), ``prune`` (writes the pruned model, its plan and a report into a
-folder, atomically), ``eval`` and ``bench`` (dense vs pruned), ``export`` (ONNX, checked in
-onnxruntime). MODEL and DATA specs are resolved by :mod:`surgery.loading`.
-"""
+"""What the commands share: the Typer app, consoles, progress bars, error handling, and the
+options several commands take (as ``Annotated`` aliases, so each has one help text)."""
 
 from __future__ import annotations
 
 import contextlib
+import enum
 import functools
 import json
 import os
 import shlex
 from pathlib import Path
-from typing import Any, Callable, Iterator, Optional
+from typing import Annotated, Any, Callable, Iterable, Iterator, Optional
 
+import click
 import typer
+from rich import progress as rp
 from rich.console import Console
-from rich.progress import (
-    BarColumn,
-    MofNCompleteColumn,
-    Progress,
-    SpinnerColumn,
-    TextColumn,
-    TimeElapsedColumn,
-)
 from rich.table import Table
 
 app = typer.Typer(add_completion=False, no_args_is_help=True,
@@ -37,8 +27,6 @@ err_console = Console(stderr=True)
 KIND_NOUNS = {"hidden": "hidden dims"}
 """How the summary names atoms of a kind (default: the kind plus "s")."""
 
-
-# ---- shared plumbing ------------------------------------------------------------------------
 
 MODEL_HELP = ("timm or torchvision model name, 'timm:NAME' / 'torchvision:NAME', a local Hugging "
               "Face folder, or 'module:factory' (a callable returning a model or (model, "
@@ -81,7 +69,7 @@ class Stages:
     LABELS = {"calibrate": "calibrating (batches)", "score": "scoring groups top-down",
               "search": "trying per-kind cut rates (candidates)"}
 
-    def __init__(self, progress: Progress, totals: dict[str, int | None] | None = None) -> None:
+    def __init__(self, progress: rp.Progress, totals: dict[str, int | None] | None = None) -> None:
         self.progress, self.totals, self.tasks = progress, dict(totals or {}), {}
 
     def __call__(self, stage: str, i: int) -> None:
@@ -101,9 +89,9 @@ class Stages:
 
 @contextlib.contextmanager
 def stages(totals: dict[str, int | None] | None = None) -> Iterator[Stages]:
-    columns = (SpinnerColumn(), TextColumn("{task.description}"), BarColumn(),
-               MofNCompleteColumn(), TimeElapsedColumn())
-    with Progress(*columns, console=console) as progress:
+    columns = (rp.SpinnerColumn(), rp.TextColumn("{task.description}"), rp.BarColumn(),
+               rp.MofNCompleteColumn(), rp.TimeElapsedColumn())
+    with rp.Progress(*columns, console=console) as progress:
         s = Stages(progress, totals)
         try:
             yield s
@@ -111,11 +99,9 @@ def stages(totals: dict[str, int | None] | None = None) -> Iterator[Stages]:
             s.finish()
 
 
-def _device(name: str, threads: int = 0) -> str:
+def pick_device(name: str, threads: int = 0) -> str:
     import torch
 
-    if threads < 0:
-        raise ValueError(f"--threads must be >= 0, got {threads}.")
     if threads:
         torch.set_num_threads(threads)
     if name == "auto":
@@ -125,7 +111,7 @@ def _device(name: str, threads: int = 0) -> str:
     return name
 
 
-def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
+def parse_floats(text: str | None, what: str) -> tuple[float, ...] | None:
     if not text:
         return None
     try:
@@ -134,18 +120,19 @@ def _floats(text: str | None, what: str) -> tuple[float, ...] | None:
         raise ValueError(f"{what} {text!r} must be numbers separated by commas.") from exc
 
 
-def _kind_weights(text: str | None) -> dict[str, float] | str | None:
-    """``--kind-weights``: ``search``, or ``kind=weight`` pairs separated by commas."""
-    if not text or text == "search":
+def parse_kind_weights(text: str | None) -> dict[str, float] | str | None:
+    """``--kind-weights``: ``search``, ``uniform``, or ``kind=weight`` pairs separated by
+    commas."""
+    if not text or text in ("search", "uniform"):
         return text or None
     try:
         return {k.strip(): float(v) for k, v in (item.split("=") for item in text.split(","))}
     except ValueError as exc:
-        raise ValueError(f"--kind-weights {text!r} must be 'search' or kind=weight pairs "
+        raise ValueError(f"--kind-weights {text!r} must be 'search', 'uniform' or kind=weight pairs "
                          "separated by commas, e.g. neuron=1,head=0.5,hidden=0.25.") from exc
 
 
-def _ints(text: str, what: str) -> list[int]:
+def parse_ints(text: str, what: str) -> list[int]:
     try:
         values = [int(v) for v in text.split(",") if v.strip()]
     except ValueError as exc:
@@ -174,14 +161,14 @@ def command_line(ctx: typer.Context) -> str:
     return shlex.join(parts)
 
 
-def _check_out(out: Path, overwrite: bool) -> None:
+def check_out(out: Path, overwrite: bool) -> None:
     if out.exists() and not out.is_dir():
         raise ValueError(f"--out {str(out)!r} exists and is not a folder.")
     if out.exists() and not overwrite:
         raise ValueError(f"--out {str(out)!r} already exists; pass --overwrite or another --out.")
 
 
-def _load(spec: str, **options: Any):
+def load_model_spec(spec: str, **options: Any):
     from surgery.cli.specs import load_model, parse_size
 
     options["input_size"] = parse_size(options.get("input_size"))
@@ -189,12 +176,12 @@ def _load(spec: str, **options: Any):
         return load_model(spec, **options)
 
 
-def _label2id(model: Any) -> dict[str, int] | None:
+def label2id_of(model: Any) -> dict[str, int] | None:
     mapping = getattr(getattr(model, "config", None), "label2id", None)
     return dict(mapping) if mapping else None
 
 
-def _summary_table(title: str, rows: list[list[str]]) -> Table:
+def summary_table(title: str, rows: list[list[str]]) -> Table:
     table = Table(title=title)
     for col in ("", "dense", "pruned", "change"):
         table.add_column(col, justify="right")
@@ -203,31 +190,53 @@ def _summary_table(title: str, rows: list[list[str]]) -> Table:
     return table
 
 
-# Options shared by the commands that build a model from a spec.
-CHECKPOINT = typer.Option(None, "--checkpoint", help="Weights: .safetensors or .pth state dict.")
-INPUT_SIZE = typer.Option(None, "--input-size", help="Input shape without batch, e.g. 3,224,224.")
-NUM_CLASSES = typer.Option(None, "--num-classes", help="Classifier size for timm/torchvision.")
-SEQ_LEN = typer.Option(128, "--seq-len", help="Token sequence length for text models.")
-TOKENIZER = typer.Option(None, "--tokenizer", help="Tokenizer folder (default: the model's).")
-DEVICE = typer.Option("auto", "--device", help="auto, cpu or cuda.")
-THREADS = typer.Option(0, "--threads", help="CPU threads for torch (0: torch's default; 1 is "
-                                            "steadier on a busy machine).")
-RESIZE = typer.Option(None, "--resize", help="Images: shorter side before the centre crop.")
-MEAN = typer.Option(None, "--mean", help="Images: normalisation mean, e.g. 0.5,0.5,0.5.")
-STD = typer.Option(None, "--std", help="Images: normalisation std.")
-TEXT_COLUMN = typer.Option(None, "--text-column", help="Texts: the column with the text.")
-LABEL_COLUMN = typer.Option("label", "--label-column", help="Texts: the column with the label.")
+# ---- options shared by the commands (Annotated aliases: one definition, one help text) ------
+
+def choice(name: str, names: Iterable[str]) -> type[enum.StrEnum]:
+    """An option type whose values are ``names`` (Typer lists them in the help and refuses
+    anything else naming the valid ones); the values are plain strings (``StrEnum``)."""
+    return enum.StrEnum(name, {n: n for n in names})
 
 
-# ---- inspect --------------------------------------------------------------------------------
+def criterion_names() -> list[str]:
+    """Every criterion the registry and the installed plugins offer, ``mi`` first."""
+    from surgery.plugins._manager import call_hook, merged
+    from surgery.scoring import CRITERIA
+
+    names = set(CRITERIA) | set(merged(call_hook("surgery_criteria")))
+    return sorted(names, key=lambda n: (n != "mi", n))
 
 
-# ---- prune ----------------------------------------------------------------------------------
+def estimator_names() -> list[str]:
+    from surgery.plugins._manager import call_hook, merged
+    from surgery.scoring import ESTIMATORS
+
+    return sorted(set(ESTIMATORS) | set(merged(call_hook("surgery_estimators"))),
+                  key=lambda n: (n != "gaussian", n))
 
 
-# ---- eval / bench / export ------------------------------------------------------------------
+Checkpoint = Annotated[Optional[Path], typer.Option(
+    help="Weights: .safetensors or .pth state dict.")]
+InputSize = Annotated[Optional[str], typer.Option(
+    help="Input shape without batch, e.g. 3,224,224.")]
+NumClasses = Annotated[Optional[int], typer.Option(
+    min=1, help="Classifier size for timm/torchvision.")]
+SeqLen = Annotated[int, typer.Option(min=1, help="Token sequence length for text models.")]
+Tokenizer = Annotated[Optional[str], typer.Option(help="Tokenizer folder (default: the model's).")]
+Device = Annotated[str, typer.Option(help="auto, cpu, cuda or cuda:N.")]
+Threads = Annotated[int, typer.Option(min=0, help="CPU threads for torch (0: torch's default; 1 "
+                                                  "is steadier on a busy machine).")]
+Resize = Annotated[Optional[int], typer.Option(
+    min=1, help="Images: shorter side before the centre crop.")]
+Mean = Annotated[Optional[str], typer.Option(help="Images: normalisation mean, e.g. 0.5,0.5,0.5.")]
+Std = Annotated[Optional[str], typer.Option(help="Images: normalisation std.")]
+TextColumn = Annotated[Optional[str], typer.Option(help="Texts: the column with the text.")]
+LabelColumn = Annotated[str, typer.Option(help="Texts: the column with the label.")]
+JsonOut = Annotated[Optional[Path], typer.Option("--json", help="Also write results as JSON.")]
+PrunedFolderArg = Annotated[Path, typer.Argument(help="A folder written by 'surgery prune'.")]
 
-def _open_folder(folder: Path, device: str):
+
+def open_folder(folder: Path, device: str):
     from surgery.cli.folders import load_pruned
 
     with console.status(f"rebuilding the pruned model from {folder}..."):
@@ -241,14 +250,14 @@ def _open_folder(folder: Path, device: str):
     return pruned, dense
 
 
-def _write_json(path: Optional[Path], payload: dict[str, Any]) -> None:
+def write_json(path: Optional[Path], payload: dict[str, Any]) -> None:
     if path is not None:
         path.write_text(json.dumps(payload, indent=1))
         console.print(f"results written to {path}")
 
 
 
-def _describe_inputs(inputs: dict[str, Any]) -> str:
+def describe_inputs(inputs: dict[str, Any]) -> str:
     if inputs["kind"] == "image":
         return "x".join(str(v) for v in inputs["shape"])
     if inputs["kind"] == "text":

@@ -2,35 +2,37 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Optional
+from typing import Annotated, Any
 
 import typer
 from rich.table import Table
 
 from surgery.cli._common import (
-    DEVICE,
-    THREADS,
-    _device,
-    _ints,
-    _open_folder,
-    _write_json,
+    Device,
+    JsonOut,
+    PrunedFolderArg,
+    Threads,
     app,
     console,
     friendly,
+    open_folder,
+    parse_ints,
+    pick_device,
     stages,
+    write_json,
 )
 
 
 @app.command()
 @friendly
 def bench(
-    folder: Path = typer.Argument(..., help="A folder written by 'surgery prune'."),
-    batch_sizes: str = typer.Option("1,32", help="Batch sizes, comma separated."),
-    repeats: int = typer.Option(10, help="Timed runs per batch size (median reported)."),
-    device: str = DEVICE,
-    threads: int = THREADS,
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write results as JSON."),
+    folder: PrunedFolderArg,
+    batch_sizes: Annotated[str, typer.Option(help="Batch sizes, comma separated.")] = "1,32",
+    repeats: Annotated[int, typer.Option(
+        min=1, help="Timed runs per batch size (median reported).")] = 10,
+    device: Device = "auto",
+    threads: Threads = 0,
+    json_out: JsonOut = None,
 ) -> None:
     """Latency per batch size, params and MACs, dense vs pruned."""
     import torch
@@ -38,11 +40,9 @@ def bench(
     from surgery._core.batches import to_device
     from surgery.counting import count_macs, count_params, measure_latency
 
-    sizes = _ints(batch_sizes, "--batch-sizes")
-    if repeats < 1:
-        raise ValueError("--repeats must be >= 1.")
-    dev = _device(device, threads)
-    pruned, dense = _open_folder(folder, dev)
+    sizes = parse_ints(batch_sizes, "--batch-sizes")
+    dev = pick_device(device, threads)
+    pruned, dense = open_folder(folder, dev)
     models = {"dense": dense, "pruned": pruned.model} if dense is not None else \
         {"pruned": pruned.model}
     one = to_device(pruned.example_inputs(1), torch.device(dev))
@@ -69,4 +69,4 @@ def bench(
         table.add_row(f"batch {b} (ms)", f"{dl:.2f}" if dl else "n/a", f"{pl:.2f}",
                       f"{dl / pl:.2f}x faster" if dl and pl else "")
     console.print(table)
-    _write_json(json_out, results)
+    write_json(json_out, results)

@@ -4,21 +4,27 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Annotated
 
 import typer
 from rich.table import Table
 
-from surgery.cli._common import app, console
+from surgery.cli._common import app, choice, console, criterion_names
+
+Demo = choice("Demo", ("minilm", "resnet18"))
+CriterionName = choice("CriterionName", criterion_names())
 
 
 @app.command()
 def demo(
-    task: str = typer.Argument("minilm", help="minilm (the default: all-MiniLM-L6-v2 on Rotten "
-                                              "Tomatoes) or resnet18 (on Fashion-MNIST)."),
-    sparsity: float = typer.Option(0.5, help="Share of the encoder's parameters (minilm) or "
-                                             "of MACs (resnet18) to remove."),
-    criterion: str = typer.Option("mi", help="mi, mi_topk, act_weight, magnitude or random."),
-    out: Path = typer.Option(Path("surgery-demo"), help="Output folder (replaced)."),
+    task: Annotated[Demo, typer.Argument(help="minilm (the default: all-MiniLM-L6-v2 on Rotten "
+                                              "Tomatoes) or resnet18 (on Fashion-MNIST).")
+                    ] = "minilm",
+    sparsity: Annotated[float, typer.Option(
+        help="Share of the encoder's parameters (minilm) or of "
+                                              "MACs (resnet18) to remove.")] = 0.5,
+    criterion: Annotated[CriterionName, typer.Option(help="How atoms are ranked.")] = "mi",
+    out: Annotated[Path, typer.Option(help="Output folder (replaced).")] = Path("surgery-demo"),
 ) -> None:
     """Prune a real trained model on real data and print before/after.
 
@@ -26,8 +32,6 @@ def demo(
     'surgery prune' on it and leaves the pruned model, plan and report in --out."""
     if task == "resnet18":
         return _demo_resnet18(sparsity, criterion, out)
-    if task != "minilm":
-        raise typer.BadParameter(f"task must be minilm or resnet18, got {task!r}.")
     from surgery import demo as job
 
     with console.status("loading or fine-tuning all-MiniLM-L6-v2 on Rotten Tomatoes (about 3 "

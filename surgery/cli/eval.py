@@ -2,50 +2,52 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Optional
+from typing import Annotated
 
 import typer
 
 from surgery.cli._common import (
     DATA_HELP,
-    DEVICE,
-    LABEL_COLUMN,
-    MEAN,
-    RESIZE,
-    STD,
-    TEXT_COLUMN,
-    THREADS,
-    _device,
-    _floats,
-    _label2id,
-    _open_folder,
-    _summary_table,
-    _write_json,
+    Device,
+    JsonOut,
+    LabelColumn,
+    Mean,
+    PrunedFolderArg,
+    Resize,
+    Std,
+    TextColumn,
+    Threads,
     app,
     console,
     err_console,
     friendly,
+    label2id_of,
+    open_folder,
+    parse_floats,
+    pick_device,
     stages,
+    summary_table,
+    write_json,
 )
 
 
 @app.command("eval")
 @friendly
 def eval_(
-    folder: Path = typer.Argument(..., help="A folder written by 'surgery prune'."),
-    data: str = typer.Option(..., help=DATA_HELP),
-    samples: int = typer.Option(2000, help="Samples to evaluate."),
-    batch_size: int = typer.Option(64, help="Batch size."),
-    latency_batch: int = typer.Option(32, help="Batch size for latency (0: skip)."),
-    resize: Optional[int] = RESIZE,
-    mean: Optional[str] = MEAN,
-    std: Optional[str] = STD,
-    text_column: Optional[str] = TEXT_COLUMN,
-    label_column: str = LABEL_COLUMN,
-    device: str = DEVICE,
-    threads: int = THREADS,
-    json_out: Optional[Path] = typer.Option(None, "--json", help="Also write results as JSON."),
+    folder: PrunedFolderArg,
+    data: Annotated[str, typer.Option(help=DATA_HELP)],
+    samples: Annotated[int, typer.Option(min=1, help="Samples to evaluate.")] = 2000,
+    batch_size: Annotated[int, typer.Option(min=1, help="Batch size.")] = 64,
+    latency_batch: Annotated[int, typer.Option(
+        min=0, help="Batch size for latency (0: skip).")] = 32,
+    resize: Resize = None,
+    mean: Mean = None,
+    std: Std = None,
+    text_column: TextColumn = None,
+    label_column: LabelColumn = "label",
+    device: Device = "auto",
+    threads: Threads = 0,
+    json_out: JsonOut = None,
 ) -> None:
     """Accuracy, latency, params and MACs of a pruned model, dense vs pruned."""
     import torch
@@ -55,12 +57,13 @@ def eval_(
     from surgery.cli.report import summary_rows
     from surgery.counting import Measurement, measure
 
-    dev = _device(device, threads)
-    pruned, dense = _open_folder(folder, dev)
+    dev = pick_device(device, threads)
+    pruned, dense = open_folder(folder, dev)
     batches = load_data(data, pruned.inputs, split="test", batch_size=batch_size, limit=samples,
-                        tokenizer=pruned.tokenizer(), resize=resize, mean=_floats(mean, "--mean"),
-                        std=_floats(std, "--std"), text_column=text_column,
-                        label_column=label_column, label2id=_label2id(pruned.model))
+                        tokenizer=pruned.tokenizer(), resize=resize,
+                        mean=parse_floats(mean, "--mean"),
+                        std=parse_floats(std, "--std"), text_column=text_column,
+                        label_column=label_column, label2id=label2id_of(pruned.model))
     example = to_device(pruned.example_inputs(1), torch.device(dev))
     timing = (to_device(pruned.example_inputs(latency_batch), torch.device(dev))
               if latency_batch > 0 else None)
@@ -76,5 +79,5 @@ def eval_(
     if after.accuracy is None:
         err_console.print(f"[yellow]warning:[/] {data!r} has no labels or the model outputs no "
                           "class scores: no accuracy.")
-    console.print(_summary_table(f"{folder} on {data}", summary_rows(before, after)))
-    _write_json(json_out, {k: vars(v) for k, v in results.items()})
+    console.print(summary_table(f"{folder} on {data}", summary_rows(before, after)))
+    write_json(json_out, {k: vars(v) for k, v in results.items()})

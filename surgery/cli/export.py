@@ -3,23 +3,26 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 
-from surgery.cli._common import app, console, friendly
+from surgery.cli._common import PrunedFolderArg, app, console, friendly
 
 
 @app.command()
 @friendly
 def export(
-    folder: Path = typer.Argument(..., help="A folder written by 'surgery prune'."),
-    onnx: Path = typer.Option(..., "--onnx", help="Where to write the ONNX file."),
-    atol: float = typer.Option(1e-4, help="Max abs difference allowed vs PyTorch."),
-    opset: Optional[int] = typer.Option(None, help="ONNX opset (default: the exporter's)."),
-    batch_size: int = typer.Option(2, help="Batch of the example used for tracing."),
-    dynamic_batch: bool = typer.Option(True, "--dynamic-batch/--static-batch",
-                                       help="Export the batch dimension as dynamic."),
+    folder: PrunedFolderArg,
+    onnx: Annotated[Path, typer.Option(help="Where to write the ONNX file.")],
+    atol: Annotated[float, typer.Option(min=0.0,
+                                        help="Max abs difference allowed vs PyTorch.")] = 1e-4,
+    opset: Annotated[Optional[int], typer.Option(
+        min=7, help="ONNX opset (default: the exporter's).")] = None,
+    batch_size: Annotated[int, typer.Option(
+        min=1, help="Batch of the example used for tracing.")] = 2,
+    dynamic_batch: Annotated[bool, typer.Option(
+        "--dynamic-batch/--static-batch", help="Export the batch dimension as dynamic.")] = True,
 ) -> None:
     """Export the pruned model to ONNX and check it in onnxruntime against PyTorch."""
     from surgery.cli.folders import load_pruned

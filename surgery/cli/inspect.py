@@ -3,38 +3,39 @@
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Optional
+from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
 
 from surgery.cli._common import (
-    CHECKPOINT,
-    INPUT_SIZE,
     MODEL_HELP,
-    NUM_CLASSES,
-    SEQ_LEN,
-    TOKENIZER,
-    _describe_inputs,
-    _load,
+    Checkpoint,
+    InputSize,
+    NumClasses,
+    SeqLen,
+    Tokenizer,
     app,
     console,
+    describe_inputs,
     friendly,
+    load_model_spec,
 )
 
 
 @app.command()
 @friendly
 def inspect(
-    model: str = typer.Argument(..., help=MODEL_HELP),
-    graph: Optional[Path] = typer.Option(None, "--graph",
-                                         help="Draw the group structure to this .svg or .png."),
-    checkpoint: Optional[Path] = CHECKPOINT,
-    input_size: Optional[str] = INPUT_SIZE,
-    num_classes: Optional[int] = NUM_CLASSES,
-    seq_len: int = SEQ_LEN,
-    tokenizer: Optional[str] = TOKENIZER,
-    size: Optional[int] = typer.Option(None, hidden=True, help="Old spelling of --input-size."),
+    model: Annotated[str, typer.Argument(help=MODEL_HELP)],
+    graph: Annotated[Optional[Path], typer.Option(
+        help="Draw the group structure to this .svg, .png or .pdf.")] = None,
+    checkpoint: Checkpoint = None,
+    input_size: InputSize = None,
+    num_classes: NumClasses = None,
+    seq_len: SeqLen = 128,
+    tokenizer: Tokenizer = None,
+    size: Annotated[Optional[int], typer.Option(hidden=True, help="Old spelling of "
+                                                                  "--input-size.")] = None,
 ) -> None:
     """Show a model's coupled channel groups (sizes, prunable or why not), params and MACs."""
     import surgery
@@ -43,9 +44,9 @@ def inspect(
     if size is not None and input_size is None:
         input_size = f"3,{size},{size}"
     if graph is not None and graph.suffix.lower() not in (".svg", ".png", ".pdf"):
-        raise ValueError(f"--graph {str(graph)!r} must end in .svg or .png.")
-    loaded = _load(model, checkpoint=checkpoint, input_size=input_size, num_classes=num_classes,
-                   seq_len=seq_len, tokenizer=tokenizer)
+        raise ValueError(f"--graph {str(graph)!r} must end in .svg or .png (or .pdf).")
+    loaded = load_model_spec(model, checkpoint=checkpoint, input_size=input_size,
+                             num_classes=num_classes, seq_len=seq_len, tokenizer=tokenizer)
     x = loaded.example_inputs(1)
     with console.status("tracing and finding coupled channel groups..."):
         coupling = surgery.couple(loaded.model, x)
@@ -62,7 +63,7 @@ def inspect(
     console.print(table)
     console.print(f"params {surgery.count_params(loaded.model):,}  "
                   f"MACs {surgery.count_macs(loaded.model, x):,} (one sample, input "
-                  f"{_describe_inputs(loaded.inputs)})")
+                  f"{describe_inputs(loaded.inputs)})")
     if graph is not None:
         from surgery.cli.report import draw_groups
 

@@ -153,7 +153,7 @@ def slice_model(model: nn.Module, plan: PruningPlan) -> nn.Module:
             else:
                 owner._buffers[attr] = replacement
             touched[module_name] = owner
-    from surgery.plugins import call_hook
+    from surgery.plugins._manager import call_hook
 
     for module_name, module in touched.items():
         fix = _fixer(module)

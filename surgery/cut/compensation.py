@@ -23,7 +23,7 @@ import torch
 import torch.fx as fx
 
 from surgery.graph.groups import Coupling
-from surgery.stats.calibrate import Calibration
+from surgery.stats.calibration import Calibration
 
 
 def weighted_reader(gm: fx.GraphModule, op: str) -> tuple[str | None, torch.nn.Module | None]:

@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from surgery.errors import SurgeryError
+from surgery.errors import AssetMissing
 
 FASHION_MNIST_DIRS = (
     os.environ.get("SURGERY_FASHION_MNIST", ""),
@@ -23,10 +23,6 @@ FASHION_MNIST_CLASSES = (
     "T-shirt/top", "Trouser", "Pullover", "Dress", "Coat",
     "Sandal", "Shirt", "Sneaker", "Bag", "Ankle boot",
 )
-
-
-class AssetMissing(SurgeryError):
-    """A real model or data set is not installed; the message says how to install it."""
 
 
 def _read_idx(path: Path) -> np.ndarray:

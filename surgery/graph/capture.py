@@ -274,7 +274,7 @@ def trace(
     it fixes the shapes that ShapeProp records. The model is not modified.
     """
     args, kwargs = as_args(example_inputs)
-    from surgery.plugins import call_hook
+    from surgery.plugins._manager import call_hook
 
     declared = tuple(t for types in call_hook("surgery_leaf_modules", model=model) for t in types)
     autowrap = tuple(autowrap_functions) + tuple(
@@ -284,7 +284,7 @@ def trace(
     # A plugin's leaf without a channel rule would be opaque (every channel through it
     # frozen): trace into it first, and keep it whole only if that fails (timm marks blocks
     # with shape-dependent branches as leaves; the look-ahead of _Tracer.to_bool handles most).
-    from surgery.plugins import merged
+    from surgery.plugins._manager import merged
 
     rules = merged(call_hook("surgery_module_rules"))
     ruled = tuple(t for t in declared if any(c in rules for c in t.__mro__))

@@ -188,7 +188,7 @@ def find_groups(capture: Capture) -> Coupling:
         for a, lab in enumerate(labels):
             group_of_label[lab] = (gid, a)
 
-    from surgery.plugins import call_hook
+    from surgery.plugins._manager import call_hook
 
     for group in groups:
         kind = call_hook("surgery_group_kind", group=group, model=capture.model)
@@ -259,4 +259,4 @@ def _name(keys: tuple, prop: Propagation) -> str:
     return names[0] + (f" (+{len(names) - 1})" if len(names) > 1 else "")
 
 
-__all__ = ["ChannelGroup", "Coupling", "Probe", "Relation", "OUTPUT", "find_groups", "Any"]
+__all__ = ["ChannelGroup", "Coupling", "Probe", "Relation", "OUTPUT", "find_groups"]

@@ -204,7 +204,7 @@ def lookup_module_rule(rules: dict[type, Callable], module: torch.nn.Module) -> 
 
 def run(capture: Capture) -> Propagation:
     """Propagate channel ids through every node of ``capture``."""
-    from surgery.plugins import call_hook, merged
+    from surgery.plugins._manager import call_hook, merged
 
     prop = Propagation(
         capture,
@@ -275,4 +275,4 @@ def _name(target: Any) -> str:
     return f"{mod}.{getattr(target, '__name__', repr(target))}".lstrip(".")
 
 
-__all__ = ["Track", "Tracks", "Consume", "Propagation", "run", "flatten_tracks", "operator"]
+__all__ = ["Track", "Tracks", "Consume", "Propagation", "run", "flatten_tracks"]

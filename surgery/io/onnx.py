@@ -20,11 +20,7 @@ import torch
 
 from surgery._core.batches import as_args, call
 from surgery._core.modes import evaluating
-from surgery.errors import SurgeryError
-
-
-class ExportError(SurgeryError):
-    """The model could not be exported, or the exported file disagrees with PyTorch."""
+from surgery.errors import ExportError
 
 
 @dataclass

@@ -3,7 +3,11 @@
 Importing the package registers every built-in criterion (each module registers its own).
 """
 
-from surgery.scoring import criteria, mi  # noqa: F401  (registers the built-in criteria)
+from surgery.scoring.criteria import (CRITERIA, Criterion, ScoreContext, get_criterion,
+                                      register)
+from surgery.scoring.estimators import ESTIMATORS, get_estimator
+from surgery.scoring.mi import MutualInformation
 from surgery.scoring.topdown import top_down
 
-__all__ = ["top_down"]
+__all__ = ["CRITERIA", "Criterion", "ScoreContext", "get_criterion", "register",
+           "MutualInformation", "ESTIMATORS", "get_estimator", "top_down"]

@@ -14,7 +14,7 @@ import numpy as np
 import torch
 
 from surgery.graph.groups import ChannelGroup, Coupling
-from surgery.stats.calibrate import Calibration
+from surgery.stats.calibration import Calibration
 
 
 @dataclass
@@ -193,7 +193,7 @@ class Random(Criterion):
 
 
 def get_criterion(name: str, **options: Any) -> Criterion:
-    from surgery.plugins import call_hook, merged
+    from surgery.plugins._manager import call_hook, merged
 
     available = {**CRITERIA, **merged(call_hook("surgery_criteria"))}
     if name not in available:
@@ -202,6 +202,5 @@ def get_criterion(name: str, **options: Any) -> Criterion:
     return factory(**options) if options else factory()
 
 
-__all__ = ["Criterion", "ScoreContext", "Magnitude", "ActivationWeight",
-           "Taylor", "Random",
-           "get_criterion", "torch"]
+__all__ = ["Criterion", "ScoreContext", "CRITERIA", "register", "get_criterion", "Magnitude",
+           "ActivationWeight", "Taylor", "Random"]

@@ -172,7 +172,7 @@ def ksg(sums: MomentSums, x_atoms: np.ndarray, t_columns: np.ndarray, n_atoms: i
 
 
 def get_estimator(name: str) -> Callable[..., np.ndarray]:
-    from surgery.plugins import call_hook, merged
+    from surgery.plugins._manager import call_hook, merged
 
     available = {**ESTIMATORS, **merged(call_hook("surgery_estimators"))}
     if name not in available:

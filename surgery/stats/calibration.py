@@ -3,7 +3,7 @@
 Scoring a group needs, for each layer that reads it, the joint second moments of the group's
 channels (as that layer sees them) and of the channels that layer writes. Those are sums, so
 each batch is folded in and dropped: activations are never all held. Where to look and how a
-tensor becomes rows is :mod:`surgery.stats.probes`; the sums are :mod:`surgery.stats.moments`.
+tensor becomes rows is :mod:`surgery.stats._probes`; the sums are :mod:`surgery.stats.moments`.
 """
 
 from __future__ import annotations
@@ -19,9 +19,9 @@ from surgery._core.memory import release_heap
 from surgery._core.modes import evaluating
 from surgery.errors import CalibrationError
 from surgery.graph.groups import OUTPUT, Coupling, Probe
-from surgery.stats.batch_check import check_batch, expected_inputs
+from surgery.stats._batch_check import check_batch, expected_inputs
+from surgery.stats._probes import Features, align, columns, features_of, instrument, linear_target
 from surgery.stats.moments import MomentSums
-from surgery.stats.probes import Features, _align, _columns, _features, _instrument, _linear_target
 
 
 @dataclass
@@ -96,7 +96,7 @@ def calibrate(
                                "use estimator='gaussian' for distributed calibration.")
     result, linear, needed = _layout(coupling)
     gm = coupling.capture.graph_module
-    instrumented, store = _instrument(gm, needed, grid)
+    instrumented, store = instrument(gm, needed, grid)
     device = next((p.device for p in gm.parameters()), torch.device("cpu"))
     fold = _Fold(result, linear, store, target, samples, seed, device)
     with evaluating(instrumented), torch.no_grad():
@@ -145,11 +145,11 @@ def _layout(coupling: Coupling) -> tuple[Calibration, dict[int, tuple[torch.Tens
     nodes = {n.name: n for n in gm.graph.nodes}
     for i, rel in enumerate(coupling.relations):
         needed[rel.probe.node, rel.probe.axis] = None
-        result.x_features[i] = _features(rel.probe)
+        result.x_features[i] = features_of(rel.probe)
         if rel.target != OUTPUT:
             tprobe = rel.target_probe or coupling.probes[rel.target]
-            result.t_features[i] = _features(tprobe)
-            lin = _linear_target(gm, nodes, rel, result.x_features[i], result.t_features[i])
+            result.t_features[i] = features_of(tprobe)
+            lin = linear_target(gm, nodes, rel, result.x_features[i], result.t_features[i])
             if lin is not None:  # the target's sums follow from the input's at the end
                 linear[i] = lin
             else:
@@ -174,13 +174,13 @@ class _Fold:
         mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
         if not result.sums:
             self._allocate(top)
-        columns: dict[tuple, torch.Tensor] = {}  # probes read by several relations
+        cache: dict[tuple, torch.Tensor] = {}  # probes read by several relations
 
         def read(probe: Probe, feats: Features) -> torch.Tensor:
             key = (probe.node, probe.axis, feats.positions.tobytes(), feats.average_atoms)
-            if key not in columns:
-                columns[key] = _columns(self.store[probe.node, probe.axis], feats)
-            return columns[key]
+            if key not in cache:
+                cache[key] = columns(self.store[probe.node, probe.axis], feats)
+            return cache[key]
 
         for i, rel in enumerate(relations):
             x = read(rel.probe, result.x_features[i])
@@ -191,7 +191,7 @@ class _Fold:
             else:
                 tprobe = rel.target_probe or result.coupling.probes[rel.target]
                 t, tnode = read(tprobe, result.t_features[i]), tprobe.node
-            x, t = _align(x, t, mask)
+            x, t = align(x, t, mask)
             z = x if i in self.linear else torch.cat([x, t.to(x.device)], dim=1)
             sums = result.sums[i]
             if self.samples:

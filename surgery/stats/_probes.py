@@ -37,20 +37,20 @@ class Features:
         return np.unique(self.position_atoms) if self.average_atoms else self.position_atoms
 
 
-def _features(probe: Probe) -> Features:
+def features_of(probe: Probe) -> Features:
     positions = np.nonzero(probe.atom_of_position >= 0)[0]
     atoms = probe.atom_of_position[positions]
     return Features(positions, atoms, len(positions) > MAX_FEATURES)
 
 
-class _Probe(torch.nn.Module):
+class ProbeModule(torch.nn.Module):
     """Identity; its forward hook does the pooling and stores the result."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return x
 
 
-def _pool(x: torch.Tensor, axis: int, grid: int) -> torch.Tensor:
+def pool(x: torch.Tensor, axis: int, grid: int) -> torch.Tensor:
     """Move the channel axis last and pool the rest to at most ``grid`` x ``grid`` positions.
 
     Returns (batch, *positions, channels) in float32."""
@@ -64,7 +64,7 @@ def _pool(x: torch.Tensor, axis: int, grid: int) -> torch.Tensor:
     return x
 
 
-def _columns(pooled: torch.Tensor, feats: Features) -> torch.Tensor:
+def columns(pooled: torch.Tensor, feats: Features) -> torch.Tensor:
     if len(feats.positions) == pooled.shape[-1] and (feats.positions == np.arange(len(
             feats.positions))).all():
         cols = pooled  # every position is read (the usual case): no copy
@@ -79,7 +79,7 @@ def _columns(pooled: torch.Tensor, feats: Features) -> torch.Tensor:
     return out / torch.bincount(index).clamp_min(1)
 
 
-def _align(x: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None = None
+def align(x: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None = None
            ) -> tuple[torch.Tensor, torch.Tensor]:
     """Rows of samples for both sides: per position when layouts agree, else per example.
 
@@ -93,10 +93,10 @@ def _align(x: torch.Tensor, t: torch.Tensor, mask: torch.Tensor | None = None
             rows = lambda v: v.reshape(-1, v.shape[-1]).index_select(0, keep)  # noqa: E731
         x_rows = rows(x)
         return x_rows, x_rows if t is x else rows(t)
-    return _per_example(x, mask), _per_example(t, mask)
+    return per_example(x, mask), per_example(t, mask)
 
 
-def _per_example(v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+def per_example(v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     if v.ndim <= 2:
         return v
     if mask is not None and v.shape[:-1] == mask.shape:
@@ -105,7 +105,7 @@ def _per_example(v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
     return v.mean(dim=tuple(range(1, v.ndim - 1)))
 
 
-def _linear_target(gm: fx.GraphModule, nodes: dict[str, fx.Node], rel: Any, xf: Features,
+def linear_target(gm: fx.GraphModule, nodes: dict[str, fx.Node], rel: Any, xf: Features,
                    tf: Features) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """(weight rows, bias) when the relation's target is exactly a linear function of its
     probed input: an ``nn.Linear`` or 1x1 convolution (stride 1, no padding: its output keeps
@@ -141,7 +141,7 @@ def _linear_target(gm: fx.GraphModule, nodes: dict[str, fx.Node], rel: Any, xf: 
     return module.weight.detach().index_select(0, rows), bias
 
 
-def _instrument(gm: fx.GraphModule, needed: dict[tuple[str, int], None], grid: int
+def instrument(gm: fx.GraphModule, needed: dict[tuple[str, int], None], grid: int
                 ) -> tuple[fx.GraphModule, dict[str, torch.Tensor]]:
     """A copy of ``gm``'s graph (sharing its modules and weights) with a probe after each
     needed node; the probes' forward hooks write pooled activations into ``store``."""
@@ -161,11 +161,11 @@ def _instrument(gm: fx.GraphModule, needed: dict[tuple[str, int], None], grid: i
         for axis in [a for (n, a) in needed if n == node.name]:
             probe_name = f"_surgery_probe_{len(probes)}"
             probes.append(probe_name)
-            probe = _Probe()
+            probe = ProbeModule()
 
             def hook(mod: torch.nn.Module, inp: tuple, out: torch.Tensor, _n=node.name,
                      _a=axis) -> None:
-                store[_n, _a] = _pool(out, _a, grid)
+                store[_n, _a] = pool(out, _a, grid)
 
             probe.register_forward_hook(hook)
             root[probe_name] = probe
