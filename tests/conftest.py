@@ -1,165 +1,41 @@
-"""Shared fixtures for the engine tests: the model zoo and a cache of traced couplings.
+"""Fixtures shared by the whole suite.
 
-Models are randomly initialised (no hub access) under a fixed seed, put in eval mode, and
-their BatchNorms get random statistics (see :func:`tests.models.randomize_batchnorm`). Tracing
-and grouping a timm model takes a second or so, so each (model, coupling) pair is built once
-per session; tests must not modify the cached model (``apply_plan`` copies it by default,
-which is itself checked by ``test_apply``), and tests that need to mutate build a fresh one.
+* every test runs with one intra-op thread: the inputs are tiny, so a second thread buys
+  nothing, and on a shared 2-core machine OpenMP threads spin-waiting at barriers while
+  descheduled cost several times the CPU;
+* installed third-party plugins are off (``SURGERY_PLUGINS=""``), so what a user happens to
+  have installed cannot change the results; the plugin tests turn them on explicitly;
+* ``case``: every model of the zoo (:mod:`helpers.zoo`), traced once per session.
 """
 
 from __future__ import annotations
 
-import os
-import sys
-from dataclasses import dataclass
-from typing import Callable
-
-import numpy as np
 import pytest
 import torch
 
-sys.path.insert(0, os.path.dirname(__file__))
-
-from models import MLP, SmallCNN, randomize_batchnorm  # noqa: E402
+from helpers import zoo
 
 
-def _timm(name: str) -> Callable[[], torch.nn.Module]:
-    def make() -> torch.nn.Module:
-        import timm
-
-        return timm.create_model(name, pretrained=False)
-
-    return make
-
-
-def _tv_resnet18() -> torch.nn.Module:
-    import torchvision
-
-    return torchvision.models.resnet18()
-
-
-IMAGE = (2, 3, 32, 32)
-
-# name -> (factory, example input shape)
-ZOO: dict[str, tuple[Callable[[], torch.nn.Module], tuple[int, ...]]] = {
-    "mlp": (MLP, (2, 32)),
-    "small_cnn": (SmallCNN, (2, 3, 16, 16)),
-    "tv_resnet18": (_tv_resnet18, IMAGE),
-    "resnet50d": (_timm("resnet50d"), IMAGE),
-    "mobilenetv3_large_100": (_timm("mobilenetv3_large_100"), IMAGE),
-    "efficientnet_b0": (_timm("efficientnet_b0"), IMAGE),
-    "densenet121": (_timm("densenet121"), IMAGE),
-    "convnext_atto": (_timm("convnext_atto"), IMAGE),
-    "regnety_008": (_timm("regnety_008"), IMAGE),
-}
-ALL_MODELS = list(ZOO)
-
-
-def make_model(name: str, seed: int = 0) -> torch.nn.Module:
-    """A fresh instance of zoo model ``name``: same seed, same weights, eval mode."""
-    factory, _ = ZOO[name]
-    torch.manual_seed(seed)
-    model = factory()
-    randomize_batchnorm(model, seed)
-    return model.eval()
-
-
-def make_input(name: str, seed: int = 1) -> torch.Tensor:
-    _, shape = ZOO[name]
-    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed))
-
-
-@dataclass
-class Case:
-    """A zoo model, its example input and its coupling (traced once per session)."""
-
-    name: str
-    model: torch.nn.Module
-    x: torch.Tensor
-    coupling: object
-    snapshot: dict[str, torch.Tensor]  # the model's state right after it was built
-
-
-_CASES: dict[str, Case] = {}
-_PRUNED: dict[str, tuple[object, torch.nn.Module]] = {}
-
-HALF_SEED = 0
-
-
-def get_case(name: str) -> Case:
-    if name not in _CASES:
-        from surgery.graph.capture import trace
-        from surgery.graph.groups import find_groups
-
-        model, x = make_model(name), make_input(name)
-        snapshot = state_snapshot(model)
-        _CASES[name] = Case(name, model, x, find_groups(trace(model, x)), snapshot)
-    return _CASES[name]
-
-
-def get_pruned(name: str):
-    """``(plan, pruned)``: the case's model pruned by ``keep_random_half(seed=HALF_SEED)`` with
-    ``apply_plan`` (verified on the example input); built once per session."""
-    if name not in _PRUNED:
-        from surgery.cut.apply import apply_plan
-
-        case = get_case(name)
-        plan = plan_for(case.coupling, keep_random_half(case.coupling, seed=HALF_SEED))
-        _PRUNED[name] = (plan, apply_plan(case.model, plan, case.x))
-    return _PRUNED[name]
-
-
-@pytest.fixture(params=ALL_MODELS)
-def case(request: pytest.FixtureRequest) -> Case:
-    """Every zoo model, traced (parametrised)."""
-    return get_case(request.param)
-
-
-@pytest.fixture(scope="module")
-def single_thread():
-    """Run a module's tests with one intra-op thread (restored afterwards).
-
-    The inputs here are tiny, so a second thread buys nothing, and on a shared 2-core machine
-    OpenMP threads spin-waiting at barriers while descheduled cost several times the CPU (the
-    engine tests went from ~15 s to ~100 s of CPU time with 2 threads under load)."""
-    old = torch.get_num_threads()
+@pytest.fixture(autouse=True, scope="session")
+def one_thread():
+    before = torch.get_num_threads()
     torch.set_num_threads(1)
     yield
-    torch.set_num_threads(old)
+    torch.set_num_threads(before)
 
 
-@pytest.fixture(scope="session")
-def zoo():
-    """This module, so tests reach the helpers below without importing ``conftest``."""
-    return sys.modules[__name__]
+@pytest.fixture(autouse=True, scope="session")
+def no_third_party_plugins():
+    from surgery.plugins import plugin_manager
+
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setenv("SURGERY_PLUGINS", "")
+        plugin_manager.cache_clear()
+        yield
+    plugin_manager.cache_clear()
 
 
-def keep_all(coupling) -> dict[int, np.ndarray]:
-    return {g.id: np.arange(g.atoms) for g in coupling.prunable}
-
-
-def keep_random_half(coupling, seed: int = 0) -> dict[int, np.ndarray]:
-    """For every prunable group, a random half of its atoms (at least one)."""
-    rng = np.random.default_rng(seed)
-    return {
-        g.id: np.sort(rng.choice(g.atoms, max(1, g.atoms // 2), replace=False))
-        for g in coupling.prunable
-    }
-
-
-def plan_for(coupling, kept: dict[int, np.ndarray]):
-    from surgery.cut.plan import build_plan
-
-    return build_plan(coupling, kept, criterion="test", target="output", budget={})
-
-
-def state_snapshot(model: torch.nn.Module) -> dict[str, torch.Tensor]:
-    return {k: v.detach().clone() for k, v in model.state_dict().items()}
-
-
-def assert_state_equal(model: torch.nn.Module, snapshot: dict[str, torch.Tensor]) -> None:
-    state = model.state_dict()
-    assert list(state) == list(snapshot), "parameter/buffer names changed"
-    for k, v in snapshot.items():
-        assert state[k].shape == v.shape, f"{k}: shape {tuple(v.shape)} -> {tuple(state[k].shape)}"
-        assert torch.equal(state[k], v), f"{k} changed value"
+@pytest.fixture(params=zoo.ALL_MODELS)
+def case(request: pytest.FixtureRequest) -> zoo.Case:
+    """Every zoo model, traced (parametrised)."""
+    return zoo.get_case(request.param)

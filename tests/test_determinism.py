@@ -15,75 +15,34 @@ import numpy as np
 import pytest
 import torch
 
-import surgery
-
-HERE = Path(__file__).resolve().parent
-sys.path.insert(0, str(HERE))
-
-from models import SmallCNN, randomize_batchnorm  # noqa: E402
-
-CRITERIA = ("mi", "magnitude", "random")
-ALLOCATIONS = ("uniform", "global")
-COMBOS = [(c, a) for c in CRITERIA for a in ALLOCATIONS]
-
-
-def make_case() -> tuple[torch.nn.Module, torch.Tensor, list[torch.Tensor]]:
-    """A SmallCNN with seeded weights and BatchNorm statistics, its example input and three
-    calibration batches, all from fixed generators."""
-    torch.manual_seed(0)
-    model = randomize_batchnorm(SmallCNN(), seed=0).eval()
-    g = torch.Generator().manual_seed(1)
-    x = torch.randn(2, 3, 16, 16, generator=g)
-    calib = [torch.randn(8, 3, 16, 16, generator=g) for _ in range(3)]
-    return model, x, calib
-
-
-def plan_json(case, criterion: str, allocation: str, seed: int = 0) -> str:
-    model, x, calib = case
-    plan = surgery.make_plan(model, x, calib if criterion == "mi" else None, 0.4,
-                             criterion=criterion, allocation=allocation, seed=seed)
-    return plan.to_json()
-
-
-def all_plans() -> dict[str, str]:
-    case = make_case()
-    return {f"{c}/{a}": plan_json(case, c, a) for c, a in COMBOS}
-
-
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The models are tiny: one thread is faster than two, and spins no idle cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+from helpers.determinism import COMBOS, make_case, plan_json
 
 
 @pytest.fixture(scope="module")
-def case():
+def planned_case():
     return make_case()
 
 
 @pytest.fixture(scope="module")
-def reference(case) -> dict[str, str]:
-    return {f"{c}/{a}": plan_json(case, c, a) for c, a in COMBOS}
+def reference(planned_case) -> dict[str, str]:
+    return {f"{c}/{a}": plan_json(planned_case, c, a) for c, a in COMBOS}
 
 
 @pytest.mark.parametrize(("criterion", "allocation"), COMBOS)
-def test_same_process_same_json(case, reference, criterion, allocation) -> None:
+def test_same_process_same_json(planned_case, reference, criterion, allocation) -> None:
     """Again in this process, on the same model for the random criterion and on a fresh but
     identical one otherwise, with the global RNGs moved: still the same JSON."""
     torch.manual_seed(12345)
     np.random.seed(54321)
-    again = plan_json(case if criterion == "random" else make_case(), criterion, allocation)
+    again = plan_json(planned_case if criterion == "random" else make_case(), criterion, allocation)
     assert again == reference[f"{criterion}/{allocation}"]
 
 
-def test_the_plans_are_not_trivially_equal(case, reference) -> None:
+def test_the_plans_are_not_trivially_equal(planned_case, reference) -> None:
     """The comparisons above can fail: criteria differ, the seed moves a random plan, and MI
     plans carry per-atom scores (floats compared to the last bit)."""
     assert len(set(reference.values())) == len(reference)
-    assert plan_json(case, "random", "uniform", seed=1) != reference["random/uniform"]
+    assert plan_json(planned_case, "random", "uniform", seed=1) != reference["random/uniform"]
     mi = json.loads(reference["mi/uniform"])
     assert all(g["scores"] for g in mi["groups"])
     assert any(len(g["kept"]) and g["atoms"] > sum(b - a for a, b in g["kept"])
@@ -91,12 +50,12 @@ def test_the_plans_are_not_trivially_equal(case, reference) -> None:
 
 
 def _fresh_process(hash_seed: str, out: Path) -> dict[str, str]:
-    env = {**os.environ, "PYTHONHASHSEED": hash_seed, "OMP_NUM_THREADS": "1"}
+    env = {**os.environ, "PYTHONHASHSEED": hash_seed, "OMP_NUM_THREADS": "1",
+           "PYTHONPATH": str(Path(__file__).resolve().parent)}
     code = (
-        "import json, sys, torch; torch.set_num_threads(1); "
-        f"sys.path.insert(0, {str(HERE)!r}); "
-        "import test_determinism as t; "
-        f"open({str(out)!r}, 'w').write(json.dumps(t.all_plans()))"
+        "import json, torch; torch.set_num_threads(1); "
+        "from helpers.determinism import all_plans; "
+        f"open({str(out)!r}, 'w').write(json.dumps(all_plans()))"
     )
     done = subprocess.run([sys.executable, "-c", code], env=env, timeout=300,
                           capture_output=True, text=True)

@@ -17,7 +17,9 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import surgery
+from helpers import zoo
 from surgery.cut.apply import apply_plan
+from surgery.cut.plan import PruningPlan, build_plan
 from surgery.errors import (
     BudgetError,
     CalibrationError,
@@ -28,21 +30,11 @@ from surgery.errors import (
     VerificationError,
 )
 from surgery.hookspecs import hookimpl
-from surgery.cut.plan import PruningPlan, build_plan
 from surgery.plugins import plugin_manager
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The models are tiny: one thread is faster than two, and spins no idle cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture
-def cnn(zoo):
+def fresh_cnn():
     """A fresh SmallCNN (tests check it is left unchanged), its input and a state snapshot."""
     model, x = zoo.make_model("small_cnn"), zoo.make_input("small_cnn")
     return model, x, zoo.state_snapshot(model)
@@ -59,8 +51,8 @@ def _calib(x: torch.Tensor, n: int = 2) -> list[torch.Tensor]:
 
 
 @pytest.mark.parametrize("sparsity", [-0.1, 1.0, 2, float("nan"), "half", None])
-def test_sparsity_outside_zero_one_is_refused(cnn, zoo, sparsity) -> None:
-    model, x, before = cnn
+def test_sparsity_outside_zero_one_is_refused(fresh_cnn, sparsity) -> None:
+    model, x, before = fresh_cnn
     with pytest.raises(BudgetError, match=r"sparsity must be a fraction in \[0, 1\)") as info:
         surgery.make_plan(model, x, sparsity=sparsity, criterion="magnitude")
     assert "removes half" in str(info.value)  # says what a valid value looks like
@@ -77,8 +69,8 @@ def test_sparsity_outside_zero_one_is_refused(cnn, zoo, sparsity) -> None:
         ({"min_keep": 2.5}, BudgetError, "round_to and min_keep must be whole numbers >= 1"),
     ],
 )
-def test_unknown_options_are_refused_with_the_choices(cnn, zoo, options, error, words) -> None:
-    model, x, before = cnn
+def test_unknown_options_are_refused_with_the_choices(fresh_cnn, options, error, words) -> None:
+    model, x, before = fresh_cnn
     with pytest.raises(error, match=words):
         surgery.make_plan(model, x, sparsity=0.3, criterion="magnitude", **options)
     zoo.assert_state_equal(model, before)
@@ -97,7 +89,7 @@ class WideOutput(nn.Module):
         return self.out(torch.relu(self.hidden(x)))
 
 
-def test_sparsity_above_what_can_be_removed_is_refused(zoo) -> None:
+def test_sparsity_above_what_can_be_removed_is_refused() -> None:
     model = WideOutput().eval()
     before = zoo.state_snapshot(model)
     x = torch.randn(2, 16)
@@ -112,8 +104,8 @@ def test_sparsity_above_what_can_be_removed_is_refused(zoo) -> None:
     assert surgery.count_params(pruned) < surgery.count_params(model)
 
 
-def test_min_keep_larger_than_every_group_is_refused(cnn, zoo) -> None:
-    model, x, before = cnn
+def test_min_keep_larger_than_every_group_is_refused(fresh_cnn) -> None:
+    model, x, before = fresh_cnn
     with pytest.raises(BudgetError, match="at most 0.0% of macs") as info:
         surgery.make_plan(model, x, sparsity=0.3, criterion="magnitude", min_keep=1000)
     message = str(info.value)
@@ -121,9 +113,9 @@ def test_min_keep_larger_than_every_group_is_refused(cnn, zoo) -> None:
     zoo.assert_state_equal(model, before)
 
 
-def test_min_keep_larger_than_some_groups_keeps_those_whole(cnn) -> None:
+def test_min_keep_larger_than_some_groups_keeps_those_whole(fresh_cnn) -> None:
     """Not an error: a group smaller than min_keep stays whole, the others keep >= min_keep."""
-    model, x, _ = cnn
+    model, x, _ = fresh_cnn
     plan = surgery.make_plan(model, x, sparsity=0.2, criterion="magnitude", min_keep=10)
     sizes = sorted(g.atoms for g in plan.groups)
     assert sizes[0] < 10 < sizes[-1]  # the case is really mixed
@@ -131,7 +123,7 @@ def test_min_keep_larger_than_some_groups_keeps_those_whole(cnn) -> None:
         assert len(g.kept) == g.atoms if g.atoms <= 10 else len(g.kept) >= 10
 
 
-def test_a_plan_that_would_empty_a_group_is_refused(zoo) -> None:
+def test_a_plan_that_would_empty_a_group_is_refused() -> None:
     case = zoo.get_case("small_cnn")
     c = case.coupling
     g = c.prunable[0]
@@ -167,8 +159,8 @@ EXPECTED_CNN = "x = a float32 tensor of shape (N, 3, 16, 16)"
     ],
     ids=["one-channel", "int", "strings", "no-batch-dim", "wrong-key", "float-labels"],
 )
-def test_calibration_data_of_the_wrong_kind_names_the_expected_input(cnn, zoo, bad, words) -> None:
-    model, x, before = cnn
+def test_calibration_data_of_the_wrong_kind_names_the_expected_input(fresh_cnn, bad, words) -> None:
+    model, x, before = fresh_cnn
     batches = _calib(x) + [bad]
     with pytest.raises(CalibrationError) as info:
         surgery.prune(model, x, batches, sparsity=0.5)
@@ -179,8 +171,8 @@ def test_calibration_data_of_the_wrong_kind_names_the_expected_input(cnn, zoo, b
     zoo.assert_state_equal(model, before)
 
 
-def test_one_tensor_as_calib_data_is_refused(cnn, zoo) -> None:
-    model, x, before = cnn
+def test_one_tensor_as_calib_data_is_refused(fresh_cnn) -> None:
+    model, x, before = fresh_cnn
     with pytest.raises(CalibrationError, match="calib_data must be an iterable of batches") as info:
         surgery.make_plan(model, x, torch.randn(8, 3, 16, 16), sparsity=0.5)
     assert EXPECTED_CNN in str(info.value)
@@ -188,8 +180,8 @@ def test_one_tensor_as_calib_data_is_refused(cnn, zoo) -> None:
 
 
 @pytest.mark.parametrize("value", [float("nan"), float("inf"), -float("inf")])
-def test_non_finite_calibration_inputs_are_refused(cnn, zoo, value) -> None:
-    model, x, before = cnn
+def test_non_finite_calibration_inputs_are_refused(fresh_cnn, value) -> None:
+    model, x, before = fresh_cnn
     batches = _calib(x)
     batches[1][2, 1, 3, 4] = value
     with pytest.raises(CalibrationError, match="calibration batch 1 .*input 'x' contains NaN or inf"):
@@ -209,7 +201,7 @@ class SqrtNet(nn.Module):
         return self.fc2(torch.sqrt(self.fc1(x)))
 
 
-def test_non_finite_activations_are_refused(zoo) -> None:
+def test_non_finite_activations_are_refused() -> None:
     model = SqrtNet().eval()
     with torch.no_grad():
         model.fc1.bias.fill_(10.0)  # positive for the example: the trace is clean
@@ -248,7 +240,7 @@ class Outer(nn.Module):
         return self.block(self.pre(x))
 
 
-def test_untraceable_model_names_the_module_and_the_line(zoo) -> None:
+def test_untraceable_model_names_the_module_and_the_line() -> None:
     model = Outer().eval()
     before = zoo.state_snapshot(model)
     with pytest.raises(CaptureError) as info:
@@ -269,7 +261,7 @@ class SizedZeros(nn.Module):
         return self.fc(x) + torch.zeros(x.shape[0], 4)  # torch.zeros cannot take a traced size
 
 
-def test_an_op_that_cannot_take_traced_values_is_named(zoo) -> None:
+def test_an_op_that_cannot_take_traced_values_is_named() -> None:
     model = SizedZeros().eval()
     with pytest.raises(CaptureError) as info:
         surgery.groups(model, torch.randn(2, 4))
@@ -279,8 +271,8 @@ def test_an_op_that_cannot_take_traced_values_is_named(zoo) -> None:
     assert "cannot take traced values" in message and "control flow" not in message
 
 
-def test_example_inputs_that_do_not_run_name_the_node(cnn, zoo) -> None:
-    model, x, before = cnn
+def test_example_inputs_that_do_not_run_name_the_node(fresh_cnn) -> None:
+    model, x, before = fresh_cnn
     with pytest.raises(CaptureError) as info:
         surgery.groups(model, torch.randn(2, 1, 16, 16))
     message = str(info.value)
@@ -298,13 +290,13 @@ def test_example_inputs_that_do_not_run_name_the_node(cnn, zoo) -> None:
 
 
 @pytest.fixture
-def cnn_plan(cnn):
-    model, x, _ = cnn
+def cnn_plan(fresh_cnn):
+    model, x, _ = fresh_cnn
     return surgery.make_plan(model, x, sparsity=0.4, criterion="magnitude")
 
 
-def test_a_plan_for_another_model_is_refused(cnn, cnn_plan, zoo) -> None:
-    from models import SmallCNN
+def test_a_plan_for_another_model_is_refused(fresh_cnn, cnn_plan) -> None:
+    from helpers.models import SmallCNN
 
     narrower = SmallCNN(width=8).eval()
     before = zoo.state_snapshot(narrower)
@@ -319,7 +311,7 @@ def test_a_plan_for_another_model_is_refused(cnn, cnn_plan, zoo) -> None:
 
 
 @pytest.mark.parametrize("fraction", [0.0, 0.1, 0.5, 0.9, 0.999])
-def test_a_truncated_plan_file_is_refused(cnn, cnn_plan, tmp_path, fraction) -> None:
+def test_a_truncated_plan_file_is_refused(fresh_cnn, cnn_plan, tmp_path, fraction) -> None:
     path = tmp_path / "plan.json"
     cnn_plan.save(path)
     text = path.read_text()
@@ -384,18 +376,18 @@ def _corrupt(plan: PruningPlan, how: str) -> PruningPlan:
         ("unknown-param", "'nothing.weight', which the model does not have"),
     ],
 )
-def test_a_plan_with_corrupt_positions_is_refused_before_anything_is_cut(cnn, cnn_plan, zoo, how,
+def test_a_plan_with_corrupt_positions_is_refused_before_anything_is_cut(fresh_cnn, cnn_plan, how,
                                                                            words) -> None:
-    model, x, before = cnn
+    model, x, before = fresh_cnn
     bad = _corrupt(cnn_plan, how)
     with pytest.raises(PlanError, match=words):
         apply_plan(model, bad, x, inplace=True)  # refused before touching, even in place
     zoo.assert_state_equal(model, before)
 
 
-def test_a_plan_with_inconsistent_widths_fails_verification(cnn, cnn_plan, zoo) -> None:
+def test_a_plan_with_inconsistent_widths_fails_verification(fresh_cnn, cnn_plan) -> None:
     """A conv cut one channel narrower than its BatchNorm: refused by the forward check."""
-    model, x, before = cnn
+    model, x, before = fresh_cnn
     plan = PruningPlan.from_json(cnn_plan.to_json())
     plan.keep["stem.weight"][0] = plan.keep["stem.weight"][0][:-1]
     with pytest.raises(VerificationError, match="pruned model fails on the example inputs"):
@@ -406,7 +398,7 @@ def test_a_plan_with_inconsistent_widths_fails_verification(cnn, cnn_plan, zoo) 
 @settings(max_examples=50, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 @given(data=st.data())
-def test_a_mutated_plan_never_crashes_and_never_touches_the_model(zoo, data) -> None:
+def test_a_mutated_plan_never_crashes_and_never_touches_the_model(data) -> None:
     """Shift, duplicate or retype the kept ranges of a saved plan, or flip, drop or insert
     characters anywhere in its text: loading and applying it either works or raises a
     SurgeryError (never another exception); the model is never modified."""
@@ -539,8 +531,8 @@ def _run_magnitude(model, x, plan):
     ],
 )
 @pytest.mark.parametrize("registered_as", ["named", "anonymous"])
-def test_a_plugin_raising_in_a_hook_is_named(cnn, cnn_plan, zoo, hook, run, registered_as) -> None:
-    model, x, before = cnn
+def test_a_plugin_raising_in_a_hook_is_named(fresh_cnn, cnn_plan, hook, run, registered_as) -> None:
+    model, x, before = fresh_cnn
     plugin = _exploding_plugin(hook)
     pm = plugin_manager()
     name = "exploding-plugin" if registered_as == "named" else None
@@ -551,8 +543,9 @@ def test_a_plugin_raising_in_a_hook_is_named(cnn, cnn_plan, zoo, hook, run, regi
     finally:
         pm.unregister(plugin)
     message = str(info.value)
-    expected = "'exploding-plugin' (test_errors.ExplodingPlugin object)" if name else \
-        "'test_errors.ExplodingPlugin object'"
+    what = f"{type(plugin).__module__}.{type(plugin).__qualname__} object"
+    expected = f"'exploding-plugin' ({what})" if name else f"'{what}'"
+    assert "ExplodingPlugin object" in message
     assert f"plugin {expected} raised RuntimeError in hook {hook}: boom inside {hook}" in message
     assert "unregister" in message  # what to do
     assert isinstance(info.value.__cause__, RuntimeError)
@@ -560,8 +553,8 @@ def test_a_plugin_raising_in_a_hook_is_named(cnn, cnn_plan, zoo, hook, run, regi
     run(model, x, cnn_plan)  # unregistered: works again
 
 
-def test_a_surgery_error_raised_by_a_plugin_passes_through(cnn, cnn_plan, zoo) -> None:
-    model, x, before = cnn
+def test_a_surgery_error_raised_by_a_plugin_passes_through(fresh_cnn, cnn_plan) -> None:
+    model, x, before = fresh_cnn
 
     class Strict:
         @hookimpl
@@ -578,8 +571,8 @@ def test_a_surgery_error_raised_by_a_plugin_passes_through(cnn, cnn_plan, zoo) -
     zoo.assert_state_equal(model, before)
 
 
-def test_a_crashing_channel_rule_names_the_rule_and_the_node(cnn, zoo) -> None:
-    model, x, before = cnn
+def test_a_crashing_channel_rule_names_the_rule_and_the_node(fresh_cnn) -> None:
+    model, x, before = fresh_cnn
 
     def broken_conv_rule(prop, node, module):
         raise IndexError("rule bug")

@@ -5,10 +5,11 @@ from __future__ import annotations
 import pytest
 
 import surgery
+from helpers import zoo
 from surgery.errors import BudgetError
 
 
-def test_keywords_override_an_options_object(zoo) -> None:
+def test_keywords_override_an_options_object() -> None:
     model, x = zoo.make_model("mlp"), zoo.make_input("mlp")
     base = surgery.PruneOptions(sparsity=0.3, criterion="magnitude", budget="params")
     plan = surgery.make_plan(model, x, options=base, sparsity=0.5)
@@ -18,7 +19,7 @@ def test_keywords_override_an_options_object(zoo) -> None:
     assert again.budget["sparsity"] == 0.3
 
 
-def test_an_unknown_option_names_the_valid_ones(zoo) -> None:
+def test_an_unknown_option_names_the_valid_ones() -> None:
     model, x = zoo.make_model("mlp"), zoo.make_input("mlp")
     with pytest.raises(TypeError, match=r"unknown pruning option\(s\) \['sparsity_'\].*round_to"):
         surgery.make_plan(model, x, sparsity_=0.5, criterion="magnitude")

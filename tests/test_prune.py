@@ -9,15 +9,17 @@ import torch
 import torchvision
 
 import surgery
+from helpers import zoo
 from surgery.errors import BudgetError, CalibrationError
 
+
 @pytest.fixture
-def mlp(zoo):
+def mlp():
     return zoo.make_model("mlp"), zoo.make_input("mlp")
 
 
 @pytest.fixture
-def cnn(zoo):
+def cnn_and_input():
     return zoo.make_model("small_cnn"), zoo.make_input("small_cnn")
 
 
@@ -55,8 +57,8 @@ def test_half_params_removed_within_two_percent(name: str) -> None:
     assert abs(removed - 0.5) <= 0.02 * 0.5, removed
 
 
-def test_hand_written_models_meet_the_budget(mlp, cnn) -> None:
-    for model, x in (mlp, cnn):
+def test_hand_written_models_meet_the_budget(mlp, cnn_and_input) -> None:
+    for model, x in (mlp, cnn_and_input):
         dense = surgery.count_macs(model, x)
         pruned, _ = surgery.prune(model, x, sparsity=0.5, criterion="magnitude")
         assert pruned(x).shape == model(x).shape
@@ -127,8 +129,8 @@ def test_mi_plan_is_deterministic() -> None:
     assert a.to_json() == b.to_json()
 
 
-def test_global_allocation_meets_budget_and_differs_from_uniform(cnn) -> None:
-    model, x = cnn
+def test_global_allocation_meets_budget_and_differs_from_uniform(cnn_and_input) -> None:
+    model, x = cnn_and_input
     batches = [torch.randn(8, *x.shape[1:]) for _ in range(3)]
     uniform = surgery.make_plan(model, x, batches, 0.5)
     glob = surgery.make_plan(model, x, batches, 0.5, allocation="global")
@@ -136,34 +138,34 @@ def test_global_allocation_meets_budget_and_differs_from_uniform(cnn) -> None:
     assert [g.kept for g in uniform.groups] != [g.kept for g in glob.groups]
 
 
-def test_round_to_multiple(cnn) -> None:
-    model, x = cnn
+def test_round_to_multiple(cnn_and_input) -> None:
+    model, x = cnn_and_input
     plan = surgery.make_plan(model, x, sparsity=0.4, criterion="magnitude", round_to=8)
     for g in plan.groups:
         assert len(g.kept) % 8 == 0 or len(g.kept) == g.atoms
 
 
 @pytest.mark.parametrize("sparsity", [-0.1, 1.0, 1.5, "half"])
-def test_sparsity_out_of_range_is_refused(cnn, sparsity) -> None:
-    model, x = cnn
+def test_sparsity_out_of_range_is_refused(cnn_and_input, sparsity) -> None:
+    model, x = cnn_and_input
     with pytest.raises(BudgetError, match="sparsity must be a fraction in"):
         surgery.prune(model, x, sparsity=sparsity, criterion="magnitude")
 
 
-def test_mi_without_calibration_data_is_refused(cnn) -> None:
-    model, x = cnn
+def test_mi_without_calibration_data_is_refused(cnn_and_input) -> None:
+    model, x = cnn_and_input
     with pytest.raises(CalibrationError, match="needs calibration data"):
         surgery.prune(model, x, sparsity=0.5)
 
 
-def test_labels_target_without_labels_is_refused(cnn) -> None:
-    model, x = cnn
+def test_labels_target_without_labels_is_refused(cnn_and_input) -> None:
+    model, x = cnn_and_input
     with pytest.raises(CalibrationError, match="needs labels"):
         surgery.prune(model, x, [x], sparsity=0.5, target="labels")
 
 
-def test_prune_leaves_the_input_model_alone(cnn) -> None:
-    model, x = cnn
+def test_prune_leaves_the_input_model_alone(cnn_and_input) -> None:
+    model, x = cnn_and_input
     before = {k: v.clone() for k, v in model.state_dict().items()}
     surgery.prune(model, x, [x], sparsity=0.5)
     after = model.state_dict()
@@ -174,8 +176,8 @@ def test_prune_leaves_the_input_model_alone(cnn) -> None:
 def test_round_to_counts_channels_not_atoms() -> None:
     """round_to on BERT: FFN neurons and hidden dims kept in multiples of 16; a head (16
     channels here) is a multiple of 16 channels already, and half a multiple of 32."""
+    from helpers.transformer_zoo import inputs, make
     from surgery.budget.allocate import atom_step
-    from transformer_zoo import inputs, make
 
     model = make("bert")
     x = inputs("bert", model)

@@ -10,11 +10,11 @@ import numpy as np
 import pytest
 import torch
 
+from helpers.transformer_zoo import IMAGE, LENGTHS, TEXT, encoder_params, inputs, logits, make
 from surgery.cut.apply import apply_plan
+from surgery.cut.plan import build_plan
 from surgery.graph.capture import trace
 from surgery.graph.groups import find_groups
-from surgery.cut.plan import build_plan
-from transformer_zoo import IMAGE, LENGTHS, TEXT, encoder_params, inputs, logits, make
 
 ALL = TEXT + IMAGE
 _CACHE: dict[str, tuple] = {}
@@ -88,7 +88,8 @@ def test_mpnet_heads_include_the_shared_position_bias():
 
 
 def _attentions(model):
-    from surgery_plugins import hf_encoders as bert, vision_transformers as vit
+    from surgery_plugins import hf_encoders as bert
+    from surgery_plugins import vision_transformers as vit
 
     found = [(m, lay) for _, m, lay in bert.attention_modules(model)]
     found += [(m, vit.TIMM_LAYOUT) for _, m in vit.timm_attention_modules(model)]
@@ -212,7 +213,7 @@ def test_pruning_one_head_removes_exactly_that_head(name):
 def test_tied_embeddings_are_cut_together_and_stay_tied():
     from transformers import BertConfig, BertForMaskedLM
 
-    from transformer_zoo import SMALL
+    from helpers.transformer_zoo import SMALL
 
     torch.manual_seed(0)
     model = BertForMaskedLM(BertConfig(**SMALL)).eval()

@@ -7,15 +7,13 @@ import pytest
 import torch
 
 import surgery
+from helpers.transformer_zoo import inputs, make
 from surgery.api import couple
 from surgery.budget.allocate import uniform_counts
 from surgery.budget.cost import CostModel
 from surgery.counting import node_macs
 from surgery.errors import BudgetError, CalibrationError
 from surgery_plugins.transformers_common import TRANSFORMER_KIND_WEIGHTS
-from transformer_zoo import inputs, make
-
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 @pytest.fixture(scope="module")

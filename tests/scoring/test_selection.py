@@ -7,8 +7,8 @@ import numpy as np
 import pytest
 import torch
 
-from surgery.stats.moments import MomentSums
 from surgery.scoring.selection import _conditional, greedy_gaussian, greedy_gaussian_many
+from surgery.stats.moments import MomentSums
 
 
 def _sums(x: torch.Tensor, t: torch.Tensor) -> MomentSums:

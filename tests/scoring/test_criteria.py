@@ -8,8 +8,6 @@ import torch.nn as nn
 
 import surgery
 
-pytestmark = pytest.mark.usefixtures("single_thread")
-
 
 class Planted(nn.Module):
     """fc1 writes 4 hidden channels: channel 0 has a huge weight row (huge activation) that

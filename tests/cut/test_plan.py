@@ -10,13 +10,11 @@ import pytest
 import torch
 import torchvision
 
+from helpers import zoo
+from helpers.models import MLP, SmallCNN
 from surgery.cut.apply import apply_plan
-from surgery.errors import CaptureError, PlanError, VerificationError
 from surgery.cut.plan import PruningPlan
-
-from models import MLP, SmallCNN
-
-pytestmark = pytest.mark.usefixtures("single_thread")
+from surgery.errors import CaptureError, PlanError, VerificationError
 
 
 def run(model, x):
@@ -30,7 +28,7 @@ def run(model, x):
 
 
 @pytest.mark.parametrize("name", ["mlp", "small_cnn", "tv_resnet18", "regnety_008"])
-def test_json_round_trip_rebuilds_the_same_model(zoo, tmp_path, name):
+def test_json_round_trip_rebuilds_the_same_model(tmp_path, name):
     case = zoo.get_case(name)
     plan, pruned = zoo.get_pruned(name)
     text = plan.to_json()
@@ -57,7 +55,7 @@ def test_json_round_trip_rebuilds_the_same_model(zoo, tmp_path, name):
         assert not torch.equal(run(apply_plan(other_weights, again, case.x), case.x), ref)
 
 
-def test_round_trip_keeps_decisions_scores_and_metadata(zoo):
+def test_round_trip_keeps_decisions_scores_and_metadata():
     case = zoo.get_case("small_cnn")
     c = case.coupling
     kept = zoo.keep_random_half(c, seed=11)
@@ -77,7 +75,7 @@ def test_round_trip_keeps_decisions_scores_and_metadata(zoo):
     assert all(isinstance(d, int) for dims in loaded.keep.values() for d in dims)
 
 
-def test_keep_lists_are_stored_compactly(zoo):
+def test_keep_lists_are_stored_compactly():
     """Contiguous kept positions are written as ranges, not one number each."""
     case = zoo.get_case("mlp")
     c = case.coupling
@@ -109,25 +107,25 @@ def _assert_refused(model, plan, x, *names):
     return msg
 
 
-def test_plan_for_a_wider_head_is_refused(zoo):
+def test_plan_for_a_wider_head_is_refused():
     case = zoo.get_case("small_cnn")
     plan, _ = zoo.get_pruned("small_cnn")
     _assert_refused(SmallCNN(num_classes=5).eval(), plan, case.x, "fc.weight")
 
 
-def test_plan_for_other_hidden_width_is_refused(zoo):
+def test_plan_for_other_hidden_width_is_refused():
     case = zoo.get_case("mlp")
     plan, _ = zoo.get_pruned("mlp")
     _assert_refused(MLP(hidden=128).eval(), plan, case.x, "fc1.weight")
 
 
-def test_plan_for_another_architecture_is_refused(zoo):
+def test_plan_for_another_architecture_is_refused():
     plan, _ = zoo.get_pruned("mlp")
     msg = _assert_refused(SmallCNN().eval(), plan, zoo.make_input("small_cnn"))
     assert "MLP" in msg  # says which model the plan was made for
 
 
-def test_plan_for_a_deeper_resnet_names_the_extra_parameters(zoo):
+def test_plan_for_a_deeper_resnet_names_the_extra_parameters():
     """resnet34 has every parameter of resnet18, with the same shapes, plus more blocks: the
     message must still name a mismatching parameter, not just say 'parameter set'."""
     case = zoo.get_case("tv_resnet18")
@@ -137,7 +135,7 @@ def test_plan_for_a_deeper_resnet_names_the_extra_parameters(zoo):
     assert "layer1.2." in msg or "layer2.2." in msg, msg
 
 
-def test_plan_made_for_another_class_with_the_same_parameters(zoo):
+def test_plan_made_for_another_class_with_the_same_parameters():
     class OtherMLP(MLP):
         """Same parameters as MLP, another class."""
 
@@ -146,7 +144,7 @@ def test_plan_made_for_another_class_with_the_same_parameters(zoo):
     assert "OtherMLP" in msg or "class" in msg, msg
 
 
-def test_same_architecture_new_weights_is_accepted(zoo):
+def test_same_architecture_new_weights_is_accepted():
     """The fingerprint is about names and shapes, not values: retrained weights are fine."""
     plan, pruned = zoo.get_pruned("small_cnn")
     model = zoo.make_model("small_cnn", seed=5)
@@ -161,7 +159,7 @@ def test_same_architecture_new_weights_is_accepted(zoo):
 
 
 @pytest.fixture
-def plan_dict(zoo):
+def plan_dict():
     plan, _ = zoo.get_pruned("small_cnn")
     return json.loads(plan.to_json())
 
@@ -174,7 +172,7 @@ def test_truncated_json_raises_plan_error(plan_dict, cut):
         PruningPlan.from_json(text[:end])
 
 
-def test_truncated_file_raises_plan_error(zoo, tmp_path):
+def test_truncated_file_raises_plan_error(tmp_path):
     plan, _ = zoo.get_pruned("small_cnn")
     path = tmp_path / "plan.json"
     plan.save(path)
@@ -224,59 +222,59 @@ def test_wrong_types_raise_plan_error(plan_dict, damage):
 # ---------------------------------------------------------------------------------------
 
 
-def _edited(zoo, edit):
+def _edited(edit):
     plan, _ = zoo.get_pruned("small_cnn")
     p = PruningPlan.from_json(plan.to_json())
     edit(p)
     return p
 
 
-def _assert_untouched(zoo, model):
+def _assert_untouched(model):
     case = zoo.get_case("small_cnn")
     zoo.assert_state_equal(model, case.snapshot)
 
 
-def test_out_of_range_index_is_refused(zoo):
-    p = _edited(zoo, lambda p: p.keep["fc.weight"][1].append(999))
+def test_out_of_range_index_is_refused():
+    p = _edited(lambda p: p.keep["fc.weight"][1].append(999))
     model = zoo.make_model("small_cnn").train()
     with pytest.raises(PlanError, match="fc.weight"):
         apply_plan(model, p, zoo.make_input("small_cnn"), inplace=True)
-    _assert_untouched(zoo, model)
+    _assert_untouched(model)
     assert model.training
 
 
-def test_keeping_nothing_is_refused(zoo):
-    p = _edited(zoo, lambda p: p.keep["mix.weight"].__setitem__(1, []))
+def test_keeping_nothing_is_refused():
+    p = _edited(lambda p: p.keep["mix.weight"].__setitem__(1, []))
     model = zoo.make_model("small_cnn")
     with pytest.raises(PlanError, match="keeps nothing"):
         apply_plan(model, p, zoo.make_input("small_cnn"), inplace=True)
-    _assert_untouched(zoo, model)
+    _assert_untouched(model)
 
 
-def test_unknown_parameter_is_refused(zoo):
+def test_unknown_parameter_is_refused():
     def edit(p):
         p.keep["nonexistent.weight"] = p.keep.pop("fc.weight")
 
     model = zoo.make_model("small_cnn")
     with pytest.raises(PlanError, match="nonexistent.weight"):
-        apply_plan(model, _edited(zoo, edit), zoo.make_input("small_cnn"), inplace=True)
-    _assert_untouched(zoo, model)
+        apply_plan(model, _edited(edit), zoo.make_input("small_cnn"), inplace=True)
+    _assert_untouched(model)
 
 
-def test_inconsistent_plan_fails_verification_without_touching_the_model(zoo):
+def test_inconsistent_plan_fails_verification_without_touching_the_model():
     """A hand-edited plan that slices a conv but not its BatchNorm parses and passes the
     fingerprint check; the pruned copy then fails verification, and the user's model (not
     inplace) is unchanged."""
-    p = _edited(zoo, lambda p: [p.keep.pop(f"stem_bn.{n}") for n in
+    p = _edited(lambda p: [p.keep.pop(f"stem_bn.{n}") for n in
                                 ("weight", "bias", "running_mean", "running_var")])
     model = zoo.make_model("small_cnn").train()
     with pytest.raises(VerificationError):
         apply_plan(model, p, zoo.make_input("small_cnn"))
-    _assert_untouched(zoo, model)
+    _assert_untouched(model)
     assert model.training
 
 
-def test_failing_example_inputs_leave_the_model_in_its_mode(zoo):
+def test_failing_example_inputs_leave_the_model_in_its_mode():
     """The dense forward that records the output shapes fails on bad inputs: a CaptureError
     naming the cause, and the model comes back in training mode and unchanged."""
     plan, _ = zoo.get_pruned("small_cnn")
@@ -284,10 +282,10 @@ def test_failing_example_inputs_leave_the_model_in_its_mode(zoo):
     with pytest.raises(CaptureError, match="3 channels"):
         apply_plan(model, plan, torch.randn(2, 5, 16, 16))
     assert model.training and all(m.training for m in model.modules())
-    _assert_untouched(zoo, model)
+    _assert_untouched(model)
 
 
-def test_submodule_modes_are_preserved(zoo):
+def test_submodule_modes_are_preserved():
     """Fine-tuning often freezes BatchNorms (``bn.eval()`` inside a training model); neither
     the user's model nor the pruned copy may lose that."""
     case = zoo.get_case("small_cnn")

@@ -11,8 +11,10 @@ from __future__ import annotations
 
 import importlib
 import importlib.metadata
+import site
 import subprocess
 import sys
+import sysconfig
 from pathlib import Path
 
 import pytest
@@ -21,7 +23,7 @@ import torch
 import surgery
 from surgery.plugins import plugin_manager
 
-EXAMPLE_DIR = Path(__file__).resolve().parents[1] / "examples" / "surgery-plugin-example"
+EXAMPLE_DIR = Path(__file__).resolve().parents[2] / "examples" / "surgery-plugin-example"
 
 
 def _entry_point_listed() -> bool:
@@ -42,8 +44,8 @@ def example_plugin():
     assert _entry_point_listed(), "pip install did not register the 'example' entry point"
     try:
         module = importlib.import_module("surgery_example_plugin")
-    except ImportError:  # an editable install's .pth is only read at interpreter start
-        sys.path.insert(0, str(EXAMPLE_DIR))
+    except ImportError:  # an editable install's .pth is only read at interpreter start:
+        site.addsitedir(sysconfig.get_paths()["purelib"])  # read it now, as site does
         module = importlib.import_module("surgery_example_plugin")
     plugin_manager.cache_clear()
     yield module

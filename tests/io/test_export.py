@@ -21,8 +21,6 @@ from surgery.io.onnx import ExportError, check_onnx, export_onnx  # noqa: E402
 def pruned_resnet():
     import torchvision
 
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
     torch.manual_seed(0)
     dense = torchvision.models.resnet18(num_classes=10).eval()
     for m in dense.modules():  # non-trivial BatchNorm statistics, so BN folding is exercised
@@ -32,7 +30,6 @@ def pruned_resnet():
     x = torch.randn(2, 3, 32, 32)
     pruned, plan = surgery.prune(dense, x, None, sparsity=0.5, criterion="magnitude")
     yield dense, pruned, x
-    torch.set_num_threads(threads)
 
 
 def _conv_out_channels(path: Path) -> int:

@@ -9,13 +9,13 @@ import os
 import pytest
 import torch
 
+from helpers.transformer_zoo import TIMM_KWARGS, inputs, logits, make
 from surgery import io
 from surgery.cut.apply import apply_plan
-from surgery.graph.capture import trace
-from surgery.errors import StorageError, SurgeryError
-from surgery.graph.groups import find_groups
 from surgery.cut.plan import build_plan
-from transformer_zoo import TIMM_KWARGS, inputs, logits, make
+from surgery.errors import StorageError, SurgeryError
+from surgery.graph.capture import trace
+from surgery.graph.groups import find_groups
 
 _CACHE: dict[str, tuple] = {}
 

@@ -31,11 +31,11 @@ import torch.nn as nn
 from hypothesis import HealthCheck, example, given, settings
 from hypothesis import strategies as st
 
-from fuzz_models import Arch, architectures, build, describe
+from helpers.fuzz_models import Arch, architectures, build, describe
 from surgery.cut.apply import apply_plan
+from surgery.cut.plan import PruningPlan, build_plan
 from surgery.graph.capture import trace
 from surgery.graph.groups import find_groups
-from surgery.cut.plan import PruningPlan, build_plan
 from surgery.graph.propagate import flatten_tracks
 
 FUZZ = settings(deadline=None, derandomize=True, database=None, print_blob=False,
@@ -56,13 +56,6 @@ EVERYTHING = Arch(
 )
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """The models are tiny: one thread is faster than two, and spins no idle cores."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
 
 
 @functools.lru_cache(maxsize=128)

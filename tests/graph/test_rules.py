@@ -17,10 +17,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 import surgery
+from helpers.models import ScaledConv
 from surgery.cut.apply import apply_plan
 from surgery.cut.plan import build_plan
-
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _plan(coupling, kept):
@@ -482,20 +481,6 @@ def test_functional_conv_with_literal_groups_and_unsaved_weight():
 # ---------------------------------------------------------------------------------------
 
 
-class ScaledConv(nn.Module):
-    """A per-channel scale kept as a buffer, persistent or not (timm keeps such constants
-    out of the state dict with ``persistent=False``)."""
-
-    def __init__(self, persistent: bool) -> None:
-        super().__init__()
-        self.conv1 = nn.Conv2d(3, 8, 1)
-        self.register_buffer("scale", torch.linspace(0.5, 1.5, 8).view(8, 1, 1), persistent=persistent)
-        self.conv2 = nn.Conv2d(8, 4, 1)
-
-    def forward(self, x):
-        return self.conv2(torch.relu(self.conv1(x) * self.scale)).mean((2, 3))
-
-
 def test_non_persistent_buffer_pins_its_channels():
     c = check(ScaledConv(persistent=False), torch.randn(1, 3, 8, 8), min_prunable=0)
     group = group_of(c, "conv1.weight")
@@ -511,7 +496,7 @@ def test_persistent_buffer_is_cut_with_its_channels(tmp_path):
     pruned, plan = surgery.prune(model, x, sparsity=0.5, budget="params", criterion="magnitude")
     kept = len(next(g for g in plan.groups if g.id == group.id).kept)
     assert pruned.scale.shape == (kept, 1, 1) and kept < 8
-    arch = surgery.io.Architecture.factory("test_sweep_rules:ScaledConv", persistent=True)
+    arch = surgery.io.Architecture.factory("helpers.models:ScaledConv", persistent=True)
     surgery.io.save(pruned, tmp_path / "m", plan, arch)  # the buffer is in the state dict
     with torch.no_grad():
         assert torch.equal(surgery.io.load(tmp_path / "m")(x), pruned(x))

@@ -21,12 +21,12 @@ from typer.testing import CliRunner
 
 from surgery.cli import app
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parent.parent
 SURGERY = Path(sys.executable).with_name("surgery")
 ENV = {**os.environ, "PYTHONPATH": str(TESTS), "OMP_NUM_THREADS": "1", "COLUMNS": "200",
        "PYTHONWARNINGS": "ignore"}
-TINY = ["cli_models:tiny_resnet", "--input-size", "3,16,16"]
-DATA = ["--data", "cli_models:batches"]
+TINY = ["helpers.cli_models:tiny_resnet", "--input-size", "3,16,16"]
+DATA = ["--data", "helpers.cli_models:batches"]
 
 
 def surgery(*args: str, cwd: Path, ok: bool = True) -> subprocess.CompletedProcess:
@@ -48,13 +48,6 @@ def leftovers(folder: Path, name: str) -> list[str]:
     return [p.name for p in folder.iterdir() if p.name.startswith(f".{name}.")]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    """One torch thread: steadier and faster on a shared 2-core machine."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 @pytest.fixture(scope="module")
@@ -85,7 +78,7 @@ def test_prune_writes_model_plan_and_report(pruned: Path) -> None:
     for png in ("kept_per_group.png", "params_macs.png"):
         assert (pruned / png).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     md = (pruned / "report.md").read_text()
-    assert "surgery prune cli_models:tiny_resnet --out pruned --sparsity 0.5 --budget macs" in md
+    assert "surgery prune helpers.cli_models:tiny_resnet --out pruned --sparsity 0.5 --budget macs" in md
     assert "| conv1 | channel | 16 |" in md
     assert f"| torch | {torch.__version__} |" in md
     assert "![kept per group](kept_per_group.png)" in md
@@ -94,11 +87,9 @@ def test_prune_writes_model_plan_and_report(pruned: Path) -> None:
 
 
 def test_pruned_folder_reloads_the_measured_model(pruned: Path) -> None:
-    import cli_models
-
-    from surgery.counting import count_params
+    from helpers import cli_models
     from surgery.cli.folders import load_pruned
-    from surgery.counting import accuracy
+    from surgery.counting import accuracy, count_params
 
     folder = load_pruned(pruned)
     metrics = json.loads((pruned / "metrics.json").read_text())
@@ -111,11 +102,11 @@ def test_pruned_folder_reloads_the_measured_model(pruned: Path) -> None:
 
 def test_failed_prune_leaves_no_output_folder(tmp_path: Path) -> None:
     out = tmp_path / "out"
-    res = invoke("prune", *TINY, "--data", "cli_models:broken", "--eval-samples", "0",
+    res = invoke("prune", *TINY, "--data", "helpers.cli_models:broken", "--eval-samples", "0",
                  "--out", str(out))
     assert res.exit_code == 1 and "calibration batch 1 does not run through the model" in res.output
     assert "Traceback" not in res.output
-    res = invoke("prune", *TINY, "--data", "cli_models:broken", "--out", str(out))
+    res = invoke("prune", *TINY, "--data", "helpers.cli_models:broken", "--out", str(out))
     assert res.exit_code == 1 and "evaluation batch 1 does not run through the model" in res.output
     assert not out.exists() and leftovers(tmp_path, "out") == []
 
@@ -188,7 +179,7 @@ def test_prune_image_folder_torchvision_checkpoint(tmp_path: Path) -> None:
 def test_prune_needs_data_for_mi_and_labels_for_label_target(tmp_path: Path) -> None:
     res = invoke("prune", *TINY, "--out", str(tmp_path / "a"))
     assert res.exit_code == 1 and "needs calibration data: pass --data" in res.output
-    res = invoke("prune", *TINY, "--data", "cli_models:unlabelled", "--target", "labels",
+    res = invoke("prune", *TINY, "--data", "helpers.cli_models:unlabelled", "--target", "labels",
                  "--out", str(tmp_path / "b"))
     assert res.exit_code == 1 and "carry no labels" in res.output
     assert list(tmp_path.iterdir()) == []
@@ -198,7 +189,7 @@ def test_prune_needs_data_for_mi_and_labels_for_label_target(tmp_path: Path) -> 
 
 def test_inspect_with_graph(tmp_path: Path) -> None:
     res = surgery("inspect", *TINY, "--graph", "groups.svg", cwd=tmp_path)
-    assert "cli_models:tiny_resnet: 3 prunable of 4 coupled groups" in res.stdout
+    assert "helpers.cli_models:tiny_resnet: 3 prunable of 4 coupled groups" in res.stdout
     assert "stem (+1)" in res.stdout and "no: model output" in res.stdout
     assert "params 8,740" in res.stdout
     svg = (tmp_path / "groups.svg").read_text()
@@ -213,16 +204,16 @@ def test_inspect_torchvision_resnet18() -> None:
 
 
 def test_inspect_factory_png_and_errors(tmp_path: Path) -> None:
-    res = invoke("inspect", "cli_models:tiny_resnet_with_example", "--graph",
+    res = invoke("inspect", "helpers.cli_models:tiny_resnet_with_example", "--graph",
                  str(tmp_path / "g.png"))
     assert res.exit_code == 0, res.output
     assert "3 prunable of 4 coupled groups" in res.output and "read into" in res.output
     assert (tmp_path / "g.png").read_bytes()[:4] == b"\x89PNG"
-    res = invoke("inspect", "cli_models:tiny_resnet")
+    res = invoke("inspect", "helpers.cli_models:tiny_resnet")
     assert res.exit_code == 1 and "pass --input-size" in res.output
     res = invoke("inspect", "no_such_model_name")
     assert res.exit_code == 1 and "not a torchvision or timm model name" in res.output
-    res = invoke("inspect", "cli_models:not_a_model")
+    res = invoke("inspect", "helpers.cli_models:not_a_model")
     assert res.exit_code == 1 and "not an nn.Module" in res.output
     res = invoke("inspect", *TINY, "--graph", "g.txt")
     assert res.exit_code == 1 and "must end in .svg or .png" in res.output
@@ -308,8 +299,8 @@ def test_timm_checkpoint_safetensors_and_num_classes(tmp_path: Path) -> None:
 
 
 def test_fashion_mnist_batches_fit_the_model() -> None:
-    from surgery.demo.datasets import AssetMissing
     from surgery.cli.data import load_data
+    from surgery.demo.datasets import AssetMissing
 
     try:
         data = load_data("fashion-mnist", {"kind": "image", "shape": [3, 32, 32]},

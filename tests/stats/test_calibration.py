@@ -11,14 +11,12 @@ from __future__ import annotations
 import pytest
 import torch
 
+from helpers.transformer_zoo import inputs, make
+from surgery.graph.capture import trace
+from surgery.graph.groups import find_groups
 from surgery.stats import calibration
 from surgery.stats.calibration import calibrate
 from surgery.stats.moments import MomentSums
-from surgery.graph.groups import find_groups
-from surgery.graph.capture import trace
-from transformer_zoo import inputs, make
-
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def _exact(z: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -10,9 +10,9 @@ import torch
 
 import surgery
 from surgery.cut.apply import apply_plan
-from surgery.stats.calibration import calibrate
 from surgery.cut.compensation import compensate
 from surgery.cut.plan import build_plan
+from surgery.stats.calibration import calibrate
 
 
 class TwoLinear(torch.nn.Module):

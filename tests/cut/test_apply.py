@@ -10,9 +10,8 @@ import pytest
 import torch
 import torch.nn as nn
 
+from helpers import zoo
 from surgery.cut.apply import apply_plan
-
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 # Models whose only normalisation is BatchNorm: there, cutting a channel is exactly the same
 # as zeroing the weights that read it (LayerNorm statistics, by contrast, change with width).
@@ -34,7 +33,7 @@ def tol(reference: torch.Tensor) -> float:
 # ---------------------------------------------------------------------------------------
 
 
-def test_keep_all_plan_is_identity(case, zoo):
+def test_keep_all_plan_is_identity(case):
     """Keeping every atom slices nothing away; with every position of every grouped parameter
     dimension listed, the whole slicing path runs (index_select, layer fixers) and must not
     change the function."""
@@ -81,7 +80,7 @@ def expected_keep(coupling, kept: dict[int, np.ndarray], state) -> dict[tuple[st
     }
 
 
-def test_random_half_plan_has_planned_widths_and_values(case, zoo):
+def test_random_half_plan_has_planned_widths_and_values(case):
     kept = zoo.keep_random_half(case.coupling, seed=zoo.HALF_SEED)
     plan, pruned = zoo.get_pruned(case.name)  # apply_plan(model, plan for `kept`, x)
     state = case.model.state_dict()
@@ -116,7 +115,7 @@ def test_random_half_plan_has_planned_widths_and_values(case, zoo):
     assert all(p.requires_grad for p in pruned.parameters())
 
 
-def test_pruned_layers_have_consistent_attributes(case, zoo):
+def test_pruned_layers_have_consistent_attributes(case):
     _, pruned = zoo.get_pruned(case.name)
     originals = dict(case.model.named_modules())
     for name, m in pruned.named_modules():
@@ -142,7 +141,7 @@ def test_pruned_layers_have_consistent_attributes(case, zoo):
 
 
 @pytest.mark.parametrize("name", BATCHNORM_ONLY)
-def test_pruning_equals_zeroing_the_readers(zoo, name):
+def test_pruning_equals_zeroing_the_readers(name):
     """With BatchNorm only, a pruned model computes exactly what the dense model computes
     once the weights *reading* the removed channels (conv/linear input columns) are zeroed.
     This checks the whole coupling: a channel cut in one place but read elsewhere, or a
@@ -171,10 +170,10 @@ def test_pruning_equals_zeroing_the_readers(zoo, name):
     assert (ref - want).abs().max().item() > 1e-3 * scale
 
 
-def test_pruned_mlp_matches_a_smaller_mlp(zoo):
+def test_pruned_mlp_matches_a_smaller_mlp():
     """End to end against an independently built model: the pruned MLP is an MLP of the kept
     widths holding the kept rows/columns."""
-    from models import MLP
+    from helpers.models import MLP
 
     case = zoo.get_case("mlp")
     c = case.coupling
@@ -206,7 +205,7 @@ def test_pruned_mlp_matches_a_smaller_mlp(zoo):
 # ---------------------------------------------------------------------------------------
 
 
-def test_apply_does_not_modify_the_input_model(case, zoo):
+def test_apply_does_not_modify_the_input_model(case):
     """``case.snapshot`` was taken when the model was built; every test since (keep-all and
     random-half plans at least) applied plans to it without ``inplace``."""
     ids = {n: id(p) for n, p in case.model.named_parameters()}
@@ -225,7 +224,7 @@ def test_apply_does_not_modify_the_input_model(case, zoo):
 
 
 @pytest.mark.parametrize("name", ["small_cnn", "mlp", "tv_resnet18"])
-def test_inplace_modifies_and_returns_the_model(zoo, name):
+def test_inplace_modifies_and_returns_the_model(name):
     case = zoo.get_case(name)
     plan, copy_result = zoo.get_pruned(name)
     model = zoo.make_model(name)
@@ -238,7 +237,7 @@ def test_inplace_modifies_and_returns_the_model(zoo, name):
     assert torch.equal(run(model, case.x), run(copy_result, case.x))
 
 
-def test_training_mode_is_preserved(zoo):
+def test_training_mode_is_preserved():
     case = zoo.get_case("small_cnn")
     plan = zoo.plan_for(case.coupling, zoo.keep_random_half(case.coupling, seed=8))
     model = zoo.make_model("small_cnn").train()

@@ -7,10 +7,8 @@ import pytest
 import torch
 
 import surgery
-from surgery.stats.moments import MomentSums
 from surgery.scoring.estimators import binned, gaussian, get_estimator, ksg
-
-pytestmark = pytest.mark.usefixtures("single_thread")
+from surgery.stats.moments import MomentSums
 
 
 def _sums(x: torch.Tensor, t: torch.Tensor, limit: int = 2048) -> MomentSums:

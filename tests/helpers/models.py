@@ -101,3 +101,18 @@ def randomize_batchnorm(model: nn.Module, seed: int = 0) -> nn.Module:
                     m.running_mean.copy_(torch.randn(n, generator=gen) * 0.1)
                     m.running_var.copy_(torch.rand(n, generator=gen) + 0.5)
     return model
+
+
+class ScaledConv(nn.Module):
+    """A per-channel scale kept as a buffer, persistent or not (timm keeps such constants
+    out of the state dict with ``persistent=False``)."""
+
+    def __init__(self, persistent: bool) -> None:
+        super().__init__()
+        self.conv1 = nn.Conv2d(3, 8, 1)
+        self.register_buffer("scale", torch.linspace(0.5, 1.5, 8).view(8, 1, 1),
+                             persistent=persistent)
+        self.conv2 = nn.Conv2d(8, 4, 1)
+
+    def forward(self, x):
+        return self.conv2(torch.relu(self.conv1(x) * self.scale)).mean((2, 3))

@@ -6,8 +6,6 @@ plan is built from: a wrong coupling here is a wrongly sliced model later.
 
 from __future__ import annotations
 
-import hashlib
-import json
 import os
 import subprocess
 import sys
@@ -15,10 +13,9 @@ import sys
 import pytest
 import torch.nn as nn
 
+from helpers import zoo
 from surgery.graph.capture import trace
 from surgery.graph.groups import find_groups
-
-pytestmark = pytest.mark.usefixtures("single_thread")
 
 # ---------------------------------------------------------------------------------------
 # helpers
@@ -59,17 +56,6 @@ def classifier_name(case) -> str:
         target = model.get_classifier()
         return next(n for n, m in model.named_modules() if m is target)
     return {"mlp": "fc3", "small_cnn": "fc", "tv_resnet18": "fc"}[case.name]
-
-
-def digest(coupling) -> str:
-    """Everything observable about the groups, hashed."""
-    rows = []
-    for g in coupling.groups:
-        rows.append([
-            g.id, g.name, g.kind, g.atoms, g.prunable, g.reason,
-            [[k[0], k[1], [a.tolist() for a in v]] for k, v in sorted(g.slices.items())],
-        ])
-    return hashlib.sha256(json.dumps(rows).encode()).hexdigest()
 
 
 # ---------------------------------------------------------------------------------------
@@ -147,7 +133,7 @@ def test_classifier_output_is_not_prunable(case):
 
 
 @pytest.fixture(scope="module")
-def resnet18(zoo):
+def resnet18():
     return zoo.get_case("tv_resnet18").coupling
 
 
@@ -201,12 +187,12 @@ def test_resnet18_inner_block_channels_are_private(resnet18, block):
 
 
 @pytest.fixture(scope="module")
-def cnn(zoo):
+def cnn_coupling():
     return zoo.get_case("small_cnn").coupling
 
 
-def test_small_cnn_residual(cnn):
-    g = group_with(cnn, ("stem.weight", 0))
+def test_small_cnn_residual(cnn_coupling):
+    g = group_with(cnn_coupling, ("stem.weight", 0))
     keys = [("stem.weight", 0), ("res_conv2.weight", 0), ("res_conv1.weight", 1),
             ("branch_a.weight", 1), ("branch_b.weight", 1)]
     keys += bn_keys("stem_bn") + bn_keys("res_bn2")
@@ -215,9 +201,9 @@ def test_small_cnn_residual(cnn):
     assert g.atoms == 16 and g.prunable
 
 
-def test_small_cnn_concat_keeps_offsets(cnn):
-    a = group_with(cnn, ("branch_a.weight", 0))
-    b = group_with(cnn, ("branch_b.weight", 0))
+def test_small_cnn_concat_keeps_offsets(cnn_coupling):
+    a = group_with(cnn_coupling, ("branch_a.weight", 0))
+    b = group_with(cnn_coupling, ("branch_b.weight", 0))
     assert a.id != b.id and a.prunable and b.prunable
     assert (a.atoms, b.atoms) == (12, 20)
     # the consumer conv's input columns: branch A first, branch B after it
@@ -225,29 +211,29 @@ def test_small_cnn_concat_keeps_offsets(cnn):
     assert positions(b, ("mix.weight", 1)) == [[12 + i] for i in range(20)]
     assert_same_atoms(a, [("branch_a.weight", 0), ("branch_a.bias", 0)])
     assert_same_atoms(b, [("branch_b.weight", 0), ("branch_b.bias", 0)])
-    assert len(groups_with(cnn, ("mix.weight", 1))) == 2
+    assert len(groups_with(cnn_coupling, ("mix.weight", 1))) == 2
 
 
-def test_small_cnn_depthwise_couples_in_and_out(cnn):
-    g = group_with(cnn, ("dw.weight", 0))
+def test_small_cnn_depthwise_couples_in_and_out(cnn_coupling):
+    g = group_with(cnn_coupling, ("dw.weight", 0))
     keys = [("mix.weight", 0), ("dw.weight", 0), ("se_fc1.weight", 1), ("se_fc2.weight", 0),
             ("se_fc2.bias", 0), ("fc.weight", 1)] + bn_keys("mix_bn") + bn_keys("dw_bn")
     assert set(g.slices) == set(keys)
     assert_same_atoms(g, keys)
     assert g.atoms == 32 and g.prunable
     # a depthwise weight has one input channel per output: its dim 1 is never cut
-    assert not groups_with(cnn, ("dw.weight", 1))
+    assert not groups_with(cnn_coupling, ("dw.weight", 1))
 
 
-def test_small_cnn_squeeze_excitation_hidden_group(cnn):
-    g = group_with(cnn, ("se_fc1.weight", 0))
+def test_small_cnn_squeeze_excitation_hidden_group(cnn_coupling):
+    g = group_with(cnn_coupling, ("se_fc1.weight", 0))
     keys = [("se_fc1.weight", 0), ("se_fc1.bias", 0), ("se_fc2.weight", 1)]
     assert set(g.slices) == set(keys)
     assert_same_atoms(g, keys)
     assert g.atoms == 8 and g.prunable
 
 
-def test_mlp_groups(zoo):
+def test_mlp_groups():
     c = zoo.get_case("mlp").coupling
     h1 = group_with(c, ("fc1.weight", 0))
     keys1 = [("fc1.weight", 0), ("fc1.bias", 0), ("norm.weight", 0), ("norm.bias", 0),
@@ -268,7 +254,7 @@ def test_mlp_groups(zoo):
 # ---------------------------------------------------------------------------------------
 
 
-def test_mobilenetv3_depthwise_follows_pointwise(zoo):
+def test_mobilenetv3_depthwise_follows_pointwise():
     c = zoo.get_case("mobilenetv3_large_100").coupling
     g = group_with(c, ("blocks.1.0.conv_dw.weight", 0))
     keys = [("blocks.1.0.conv_pw.weight", 0), ("blocks.1.0.conv_dw.weight", 0),
@@ -292,7 +278,7 @@ def _producer(gm, modules, node):
 
 @pytest.mark.parametrize("name", ["small_cnn", "mobilenetv3_large_100", "efficientnet_b0",
                                   "convnext_atto"])
-def test_every_depthwise_conv_shares_its_producers_group(zoo, name):
+def test_every_depthwise_conv_shares_its_producers_group(name):
     """For each depthwise conv, the group of its outputs also holds the output channels of
     the layer feeding it, atom for atom (channel i in is channel i out)."""
     case = zoo.get_case(name)
@@ -313,7 +299,7 @@ def test_every_depthwise_conv_shares_its_producers_group(zoo, name):
         assert not groups_with(c, (f"{dw}.weight", 1))
 
 
-def test_regnety_grouped_conv_removes_whole_groups(zoo):
+def test_regnety_grouped_conv_removes_whole_groups():
     case = zoo.get_case("regnety_008")
     c = case.coupling
     grouped = [(n, m) for n, m in case.model.named_modules()
@@ -333,7 +319,7 @@ def test_regnety_grouped_conv_removes_whole_groups(zoo):
         assert not groups_with(c, (f"{name}.weight", 1))
 
 
-def test_densenet_concat_offsets(zoo):
+def test_densenet_concat_offsets():
     c = zoo.get_case("densenet121").coupling
     blk = "features.denseblock1"
     init = 64  # conv0 width
@@ -358,52 +344,50 @@ def test_densenet_concat_offsets(zoo):
 
 
 @pytest.mark.parametrize("name", ["small_cnn", "regnety_008"])
-def test_grouping_is_deterministic_in_process(zoo, name):
+def test_grouping_is_deterministic_in_process(name):
     first = zoo.get_case(name).coupling
     model, x = zoo.make_model(name), zoo.make_input(name)
     second = find_groups(trace(model, x))
-    assert digest(first) == digest(second)
+    assert zoo.digest(first) == zoo.digest(second)
     assert [g.name for g in first.groups] == [g.name for g in second.groups]
 
 
 _DIGEST_SCRIPT = """
-import sys
-sys.path.insert(0, {tests!r})
-import conftest, test_groups
+from helpers import zoo
 for name in {names!r}:
-    print(name, test_groups.digest(conftest.get_case(name).coupling))
+    print(name, zoo.digest(zoo.get_case(name).coupling))
 """
 
 
-def test_grouping_is_deterministic_across_processes(zoo):
+def test_grouping_is_deterministic_across_processes():
     """Group ids and atom order must not depend on hash seeds (saved plans refer to them)."""
     names = ["small_cnn", "tv_resnet18"]
-    tests = os.path.dirname(__file__)
-    script = _DIGEST_SCRIPT.format(tests=tests, names=names)
-    env = {**os.environ, "PYTHONHASHSEED": "12345", "OMP_NUM_THREADS": "1"}
+    tests = os.path.dirname(os.path.dirname(__file__))
+    script = _DIGEST_SCRIPT.format(names=names)
+    env = {**os.environ, "PYTHONHASHSEED": "12345", "OMP_NUM_THREADS": "1", "PYTHONPATH": tests}
     out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True,
                          text=True, timeout=120, cwd=os.path.dirname(tests))
     assert out.returncode == 0, out.stderr[-2000:]
     got = dict(line.split() for line in out.stdout.strip().splitlines())
-    assert got == {n: digest(zoo.get_case(n).coupling) for n in names}
+    assert got == {n: zoo.digest(zoo.get_case(n).coupling) for n in names}
 
 
-def test_digest_detects_a_difference(zoo):
+def test_digest_detects_a_difference():
     """The determinism tests compare digests; make sure a changed group changes the digest."""
     c = zoo.get_case("small_cnn").coupling
-    before = digest(c)
+    before = zoo.digest(c)
     g = c.groups[0]
     saved = g.slices
     key = next(iter(saved))
     g.slices = {**saved, key: list(reversed(saved[key]))}
     try:
-        assert digest(c) != before
+        assert zoo.digest(c) != before
     finally:
         g.slices = saved
-    assert digest(c) == before
+    assert zoo.digest(c) == before
 
 
-def test_tracing_keeps_submodule_modes(zoo):
+def test_tracing_keeps_submodule_modes():
     model = zoo.make_model("small_cnn").train()
     model.stem_bn.eval()
     trace(model, zoo.make_input("small_cnn"))
