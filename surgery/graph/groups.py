@@ -14,7 +14,6 @@ channels, and the group that layer writes. They are what top-down scoring walks.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any
 
 import networkx as nx
 import numpy as np
@@ -128,65 +127,13 @@ def find_groups(capture: Capture) -> Coupling:
     """Propagate channels through ``capture`` and group them; see the module docstring."""
     prop = run(capture)
     label_of = _components(prop)
-    n_labels = int(label_of.max()) + 1 if len(label_of) else 0
-
-    anchored = np.zeros(n_labels, dtype=bool)
-    for name in _activation_nodes(capture):
-        for t in flatten_tracks(prop.tracks.get(name, [])):
-            anchored[label_of[t.ids.ravel()]] = True
-    for ids in prop.internal:
-        anchored[label_of[np.asarray(ids).ravel()]] = True
-
     reasons: dict[int, str] = {}
     for ids, reason in prop.frozen:
         for label in np.unique(label_of[ids]).tolist():
             reasons.setdefault(label, reason)
-
-    # label -> {key: positions}
-    per_label: dict[int, dict[tuple[str, int], list[int]]] = {}
-    first_seen: dict[int, int] = {}
-    for rank, (key, ids) in enumerate(prop.records.items()):
-        labels = label_of[ids]
-        for pos, label in enumerate(labels.tolist()):
-            if not anchored[label]:
-                continue
-            per_label.setdefault(label, {}).setdefault(key, []).append(pos)
-            first_seen.setdefault(label, rank)
-
-    by_signature: dict[tuple, list[int]] = {}
-    for label in sorted(per_label, key=lambda lab: (first_seen[lab], lab)):
-        signature = (tuple(sorted(per_label[label])), label in reasons)
-        by_signature.setdefault(signature, []).append(label)
-
     order = {n.name: i for i, n in enumerate(capture.graph_module.graph.nodes)}
-    producer_order: dict[int, int] = {}
-    for op, ids in prop.produces.items():
-        for label in np.unique(label_of[ids]).tolist():
-            producer_order[label] = max(producer_order.get(label, -1), order[op])
-
-    groups: list[ChannelGroup] = []
-    group_of_label: dict[int, tuple[int, int]] = {}
-    for (keys, frozen), labels in by_signature.items():
-        first_key = min(keys, key=lambda k: list(prop.records).index(k))
-        labels = sorted(labels, key=lambda lab: min(per_label[lab][first_key]))
-        gid = len(groups)
-        slices = {k: [np.asarray(per_label[lab][k], dtype=np.int64) for lab in labels] for k in keys}
-        reason = reasons.get(labels[0], "") if frozen else ""
-        if not frozen and len(labels) < 2:
-            reason = "a single atom cannot be cut"
-        group = ChannelGroup(
-            id=gid,
-            name=_name(keys, prop),
-            atoms=len(labels),
-            slices=slices,
-            prunable=not frozen and len(labels) >= 2,
-            reason=reason,
-            labels=np.asarray(labels, dtype=np.int64),
-            order=max((producer_order.get(lab, -1) for lab in labels), default=-1),
-        )
-        groups.append(group)
-        for a, lab in enumerate(labels):
-            group_of_label[lab] = (gid, a)
+    groups, group_of_label = _groups(prop, label_of, _anchored(capture, prop, label_of), reasons,
+                                     order)
 
     from surgery.plugins._manager import call_hook
 
@@ -202,6 +149,64 @@ def find_groups(capture: Capture) -> Coupling:
         if rel.target in output_groups:
             rel.target = OUTPUT
     return Coupling(capture, prop, groups, label_of, relations, probes, output_groups)
+
+
+def _anchored(capture: Capture, prop: Propagation, label_of: np.ndarray) -> np.ndarray:
+    """Per atom label, whether it appears in an activation (a kernel dim or a positional
+    table's token dim never does, so it is never an atom)."""
+    anchored = np.zeros(int(label_of.max()) + 1 if len(label_of) else 0, dtype=bool)
+    for name in _activation_nodes(capture):
+        for t in flatten_tracks(prop.tracks.get(name, [])):
+            anchored[label_of[t.ids.ravel()]] = True
+    for ids in prop.internal:
+        anchored[label_of[np.asarray(ids).ravel()]] = True
+    return anchored
+
+
+def _groups(prop: Propagation, label_of: np.ndarray, anchored: np.ndarray,
+            reasons: dict[int, str], order: dict[str, int]
+            ) -> tuple[list[ChannelGroup], dict[int, tuple[int, int]]]:
+    """Atoms touching the same parameter dimensions (and frozen alike) as one group each, in
+    the order their first parameter was met; and ``label -> (group id, atom index)``."""
+    per_label: dict[int, dict[tuple[str, int], list[int]]] = {}  # label -> {key: positions}
+    first_seen: dict[int, int] = {}
+    rank_of = {key: rank for rank, key in enumerate(prop.records)}
+    for key, ids in prop.records.items():
+        for pos, label in enumerate(label_of[ids].tolist()):
+            if anchored[label]:
+                per_label.setdefault(label, {}).setdefault(key, []).append(pos)
+                first_seen.setdefault(label, rank_of[key])
+    by_signature: dict[tuple, list[int]] = {}
+    for label in sorted(per_label, key=lambda lab: (first_seen[lab], lab)):
+        signature = (tuple(sorted(per_label[label])), label in reasons)
+        by_signature.setdefault(signature, []).append(label)
+    producer_order: dict[int, int] = {}
+    for op, ids in prop.produces.items():
+        for label in np.unique(label_of[ids]).tolist():
+            producer_order[label] = max(producer_order.get(label, -1), order[op])
+
+    groups: list[ChannelGroup] = []
+    group_of_label: dict[int, tuple[int, int]] = {}
+    for (keys, frozen), labels in by_signature.items():
+        first_key = min(keys, key=rank_of.__getitem__)
+        labels = sorted(labels, key=lambda lab: min(per_label[lab][first_key]))
+        reason = reasons.get(labels[0], "") if frozen else ""
+        if not frozen and len(labels) < 2:
+            reason = "a single atom cannot be cut"
+        groups.append(ChannelGroup(
+            id=len(groups),
+            name=_name(keys, prop),
+            atoms=len(labels),
+            slices={k: [np.asarray(per_label[lab][k], dtype=np.int64) for lab in labels]
+                    for k in keys},
+            prunable=not frozen and len(labels) >= 2,
+            reason=reason,
+            labels=np.asarray(labels, dtype=np.int64),
+            order=max((producer_order.get(lab, -1) for lab in labels), default=-1),
+        ))
+        for a, lab in enumerate(labels):
+            group_of_label[lab] = (groups[-1].id, a)
+    return groups, group_of_label
 
 
 def _probe(node: str, axis: int, labels: np.ndarray, gid: int,
