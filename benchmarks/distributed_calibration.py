@@ -20,15 +20,14 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, markdown_table, write_result  # noqa: E402
+from _common import machine, markdown_table, write_result
 
 
 def setup(images: int, batch: int):
     import torchvision
 
-    from surgery.demo.datasets import AssetMissing, fashion_mnist
+    from surgery.demo.datasets import fashion_mnist
+    from surgery.errors import AssetMissing
 
     try:
         x, y = fashion_mnist("test")

@@ -22,13 +22,12 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, markdown_table, peak_rss_mb, run_child, write_result  # noqa: E402
+from _common import machine, markdown_table, peak_rss_mb, run_child, write_result
 
 
 def images(n: int) -> torch.Tensor:
-    from surgery.demo.datasets import AssetMissing, fashion_mnist
+    from surgery.demo.datasets import fashion_mnist
+    from surgery.errors import AssetMissing
 
     try:
         x, _ = fashion_mnist("test")
@@ -54,7 +53,6 @@ def child(mode: str, n: int, batch: int) -> None:
     batches = list(x.split(batch))
     base = peak_rss_mb()
     start = time.perf_counter()
-    plan_seconds = None
     if mode == "plain":
         with torch.no_grad():
             for b in batches:

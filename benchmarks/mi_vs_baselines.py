@@ -34,9 +34,7 @@ from typing import Any, Callable
 
 import torch
 import torch.nn.functional as F
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import DOCS, machine, markdown_table, write_result  # noqa: E402
+from _common import DOCS, machine, markdown_table, write_result
 
 
 @dataclass
@@ -80,7 +78,8 @@ def _fashion_task(name: str, title: str, make: Callable[[], torch.nn.Module],
                   ignored: Callable[[torch.nn.Module], list]) -> Task:
     from surgery import demo as job
     from surgery.counting import accuracy
-    from surgery.demo.datasets import AssetMissing, fashion_mnist
+    from surgery.demo.datasets import fashion_mnist
+    from surgery.errors import AssetMissing
 
     try:
         tx, ty = fashion_mnist("train")
@@ -104,9 +103,9 @@ def _fashion_task(name: str, title: str, make: Callable[[], torch.nn.Module],
 
 
 def minilm_task() -> Task:
-    from surgery.demo.datasets import AssetMissing
     from surgery.counting import accuracy
     from surgery.demo import minilm_rotten_tomatoes
+    from surgery.errors import AssetMissing
 
     try:
         task = minilm_rotten_tomatoes()

@@ -16,12 +16,9 @@ from __future__ import annotations
 import argparse
 import sys
 import time
-from pathlib import Path
 
 import torch
-
-sys.path.insert(0, str(Path(__file__).resolve().parent))
-from _common import machine, markdown_table, write_result  # noqa: E402
+from _common import machine, markdown_table, write_result
 
 SCOPE = "bert.encoder"
 
@@ -36,9 +33,9 @@ def main() -> None:
     args = parser.parse_args()
 
     import surgery
-    from surgery.demo.datasets import AssetMissing
     from surgery.counting import accuracy
     from surgery.demo import minilm_rotten_tomatoes
+    from surgery.errors import AssetMissing
 
     try:
         task = minilm_rotten_tomatoes()

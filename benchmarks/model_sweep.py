@@ -45,7 +45,6 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
-sys.path.insert(0, str(ROOT / "benchmarks"))
 
 SPARSITY = 0.3
 TP_RATIO = 0.17  # per-layer channel ratio; (1 - 0.17)^2 ~ 0.69 of a conv's MACs stay
@@ -308,11 +307,10 @@ def _num_classes(dense: list) -> int:
 
 
 def run_tp(base, x, dense: list, tmp: Path, stage: list) -> dict:
-    import torch
     import torch.nn as nn
     import torch_pruning as tp
-
     from _common import tp_fix_heads, tp_heads
+
     from surgery.counting import count_macs
 
     info: dict[str, Any] = {}

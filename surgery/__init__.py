@@ -22,9 +22,19 @@ from surgery.api import couple, groups, make_plan, prune  # noqa: E402
 from surgery.counting import count_macs, count_params, measure_latency  # noqa: E402
 from surgery.cut.apply import apply_plan  # noqa: E402
 from surgery.cut.plan import PruningPlan  # noqa: E402
-from surgery.errors import (AssetMissing, BudgetError, CalibrationError,  # noqa: E402
-                            CaptureError, ExportError, LoadError, PlanError, PluginError,
-                            StorageError, SurgeryError, VerificationError)
+from surgery.errors import (  # noqa: E402
+                            AssetMissing,
+                            BudgetError,
+                            CalibrationError,
+                            CaptureError,
+                            ExportError,
+                            LoadError,
+                            PlanError,
+                            PluginError,
+                            StorageError,
+                            SurgeryError,
+                            VerificationError,
+)
 from surgery.graph.capture import trace  # noqa: E402
 from surgery.hookspecs import hookimpl  # noqa: E402
 from surgery.options import PruneOptions  # noqa: E402

@@ -35,6 +35,7 @@ from surgery.scoring.estimators import SAMPLES
 from surgery.scoring.topdown import top_down
 from surgery.stats.calibration import calibrate
 
+
 class _Default:
     """``sparsity`` not given: the options' value (0.5 unless ``options=`` says otherwise)."""
 

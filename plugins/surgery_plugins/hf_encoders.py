@@ -189,7 +189,8 @@ def layer_sizes(model: nn.Module, attentions: list[tuple[str, nn.Module, HeadLay
         "head_dim": [int(getattr(m, lay.head_dim)) for _, m, lay in attentions],
         "intermediate_size": [lin.out_features for _, lin in ffn_first_linears(model)],
     }
-    embeddings = [m.word_embeddings.embedding_dim for m in model.modules() if _is_text_embeddings(m)]
+    embeddings = [m.word_embeddings.embedding_dim for m in model.modules()
+                  if _is_text_embeddings(m)]
     if embeddings:
         sizes["embedding_size"] = embeddings[0]
     return sizes

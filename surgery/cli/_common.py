@@ -12,7 +12,6 @@ import shlex
 from pathlib import Path
 from typing import Annotated, Any, Callable, Iterable, Iterator, Optional
 
-import click
 import typer
 from rich import progress as rp
 from rich.console import Console
@@ -128,8 +127,8 @@ def parse_kind_weights(text: str | None) -> dict[str, float] | str | None:
     try:
         return {k.strip(): float(v) for k, v in (item.split("=") for item in text.split(","))}
     except ValueError as exc:
-        raise ValueError(f"--kind-weights {text!r} must be 'search', 'uniform' or kind=weight pairs "
-                         "separated by commas, e.g. neuron=1,head=0.5,hidden=0.25.") from exc
+        raise ValueError(f"--kind-weights {text!r} must be 'search', 'uniform' or kind=weight "
+                         "pairs separated by commas, e.g. neuron=1,head=0.5,hidden=0.25.") from exc
 
 
 def parse_ints(text: str, what: str) -> list[int]:

@@ -41,7 +41,8 @@ def architecture(loaded: Loaded) -> Any:
         return Architecture.timm(recipe["name"], **kwargs)
     if recipe["source"] == "torchvision":
         return Architecture.torchvision(recipe["name"], **kwargs)
-    return Architecture.factory("surgery.cli.folders:factory_model", factory=recipe["name"], **kwargs)
+    return Architecture.factory("surgery.cli.folders:factory_model", factory=recipe["name"],
+                                **kwargs)
 
 
 def save_pruned(folder: str | os.PathLike, loaded: Loaded, pruned: torch.nn.Module,

@@ -44,7 +44,6 @@ from surgery.cli._common import (
 )
 from surgery.options import ALLOCATIONS, TARGETS, PruneOptions
 
-
 BudgetKind = choice("BudgetKind", KINDS)
 CriterionName = choice("CriterionName", criterion_names())
 Target = choice("Target", TARGETS)

@@ -112,7 +112,8 @@ def check_plan(model: nn.Module, plan: PruningPlan) -> None:
                                 "dims; the plan is corrupt or for another model.")
             size = state[param].shape[dim]
             if not kept:
-                raise PlanError(f"the plan keeps nothing of {param!r} dim {dim}; keep at least one.")
+                raise PlanError(f"the plan keeps nothing of {param!r} dim {dim}; keep at least "
+                                "one.")
             if not all(isinstance(i, numbers.Integral) and not isinstance(i, bool) for i in kept):
                 raise PlanError(f"the plan's kept positions of {param!r} dim {dim} must be "
                                 "integers; the plan is corrupt.")

@@ -14,7 +14,6 @@ engine stays safe on unknown ops: it may prune less, never wrongly.
 
 from __future__ import annotations
 
-import operator
 from dataclasses import dataclass, field
 from typing import Any, Callable
 

@@ -125,7 +125,8 @@ def write_folder(model: nn.Module, folder: Path, plan: PruningPlan, arch: Archit
 def _write_hf_config(model: nn.Module, folder: Path) -> None:
     """Hugging Face models whose updated config describes them also get ``config.json``."""
     config = getattr(model, "config", None)
-    if not (type(model).__module__.startswith("transformers.") and hasattr(config, "save_pretrained")):
+    if not (type(model).__module__.startswith("transformers.")
+            and hasattr(config, "save_pretrained")):
         return
     if getattr(config, "surgery_layer_sizes", None) is not None:
         return

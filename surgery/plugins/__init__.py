@@ -23,12 +23,19 @@ deprecation first). Anything imported from elsewhere in ``surgery`` is internal 
 from surgery.graph.groups import ChannelGroup
 from surgery.graph.propagate import Consume, Propagation, Track, Tracks
 from surgery.graph.rules.layers import conv, embedding, linear, per_channel
-from surgery.graph.rules.leaves import (HeadLayout, attention_rule, embeddings_rule,
-                                        fix_attention)
+from surgery.graph.rules.leaves import HeadLayout, attention_rule, embeddings_rule, fix_attention
 from surgery.graph.rules.registry import RuleTable
 from surgery.graph.rules.shapes import reshape_tracks
-from surgery.graph.rules.tracks import (keep_leading_axes, merge_tracks, no_channels, node_args,
-                                        param_ids, passthrough, pin_size_reads, pointwise)
+from surgery.graph.rules.tracks import (
+                                        keep_leading_axes,
+                                        merge_tracks,
+                                        no_channels,
+                                        node_args,
+                                        param_ids,
+                                        passthrough,
+                                        pin_size_reads,
+                                        pointwise,
+)
 from surgery.hookspecs import hookimpl
 from surgery.plugins._manager import plugin_manager
 from surgery.scoring.criteria import Criterion, ScoreContext

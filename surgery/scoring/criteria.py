@@ -55,7 +55,8 @@ class Criterion:
     def score(self, group: ChannelGroup, ctx: ScoreContext) -> np.ndarray:
         raise NotImplementedError
 
-    def select(self, group: ChannelGroup, ctx: ScoreContext, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def select(self, group: ChannelGroup, ctx: ScoreContext, k: int
+               ) -> tuple[np.ndarray, np.ndarray]:
         """Kept atoms (sorted) and per-atom scores; the default keeps the top-``k`` scores."""
         s = np.nan_to_num(np.asarray(self.score(group, ctx), dtype=np.float64), nan=-np.inf)
         if s.shape != (group.atoms,):

@@ -83,7 +83,8 @@ def gaussian(sums: MomentSums, x_atoms: np.ndarray, t_columns: np.ndarray, n_ato
         wa = w.index_select(1, cols)
         eye = floor * torch.eye(len(cols), dtype=cov.dtype, device=cov.device)
         cond = s_aa - wa.T @ wa
-        out[a] = 0.5 * float(torch.linalg.slogdet(s_aa + eye)[1] - torch.linalg.slogdet(cond + eye)[1])
+        out[a] = 0.5 * float(torch.linalg.slogdet(s_aa + eye)[1]
+                             - torch.linalg.slogdet(cond + eye)[1])
     return out
 
 
@@ -132,7 +133,8 @@ def binned(sums: MomentSums, x_atoms: np.ndarray, t_columns: np.ndarray, n_atoms
     total = torch.zeros(sums.dx, dtype=torch.float64)
     for j in range(t.shape[1]):
         joint = torch.zeros(sums.dx, b * b, dtype=torch.float64)
-        joint.scatter_add_(1, (x * b + t[:, j:j + 1]).T, torch.ones(sums.dx, n, dtype=torch.float64))
+        joint.scatter_add_(1, (x * b + t[:, j:j + 1]).T,
+                           torch.ones(sums.dx, n, dtype=torch.float64))
         p = joint.view(sums.dx, b, b) / n
         px, pt = p.sum(2, keepdim=True), p.sum(1, keepdim=True)
         ratio = torch.where(p > 0, p / (px * pt).clamp_min(1e-300), torch.ones_like(p))

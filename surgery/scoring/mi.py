@@ -37,7 +37,8 @@ class MutualInformation(Criterion):
             else:
                 t_atoms = cal.t_features[i].atom_of_column
                 kept = ctx.kept.get(rel.target)
-                t_cols = np.arange(len(t_atoms)) if kept is None else np.nonzero(np.isin(t_atoms, kept))[0]
+                t_cols = (np.arange(len(t_atoms)) if kept is None
+                          else np.nonzero(np.isin(t_atoms, kept))[0])
             yield sums, cal.x_features[i].atom_of_column, t_cols
 
     def score(self, group: ChannelGroup, ctx: ScoreContext) -> np.ndarray:
@@ -46,11 +47,13 @@ class MutualInformation(Criterion):
             total += self.estimate(sums, x_atoms, t_cols, group.atoms)
         return total
 
-    def select(self, group: ChannelGroup, ctx: ScoreContext, k: int) -> tuple[np.ndarray, np.ndarray]:
+    def select(self, group: ChannelGroup, ctx: ScoreContext, k: int
+               ) -> tuple[np.ndarray, np.ndarray]:
         """Greedy forward selection of the atoms whose *joint* MI with the targets is largest
         (Gaussian: relevance minus redundancy); atoms of several columns (heads) by blocks,
-        up to ``BLOCK_COLUMNS`` columns per layer; independent top-k beyond. A group no layer with weights is seen reading (its
-        reader sits inside a leaf module) has no statistics: it falls back to magnitude."""
+        up to ``BLOCK_COLUMNS`` columns per layer; independent top-k beyond. A group no layer
+        with weights is seen reading (its reader sits inside a leaf module) has no
+        statistics: it falls back to magnitude."""
         return self.select_many([group], ctx, [k])[0]
 
     def select_many(self, groups: list[ChannelGroup], ctx: ScoreContext, ks: list[int]

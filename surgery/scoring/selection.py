@@ -19,7 +19,8 @@ import torch
 from surgery.stats.moments import MomentSums
 
 
-def _conditional(sums: MomentSums, t_cols: np.ndarray, ridge: float) -> tuple[torch.Tensor, torch.Tensor]:
+def _conditional(sums: MomentSums, t_cols: np.ndarray, ridge: float
+                 ) -> tuple[torch.Tensor, torch.Tensor]:
     """Cov(X) and Cov(X | T), each with a ridge of ``ridge`` times Cov(X)'s mean variance."""
     s_xx, s_xt, s_tt = sums.blocks(t_cols if len(t_cols) else None)
     a = s_xx.clone()

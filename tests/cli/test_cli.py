@@ -300,7 +300,7 @@ def test_timm_checkpoint_safetensors_and_num_classes(tmp_path: Path) -> None:
 
 def test_fashion_mnist_batches_fit_the_model() -> None:
     from surgery.cli.data import load_data
-    from surgery.demo.datasets import AssetMissing
+    from surgery.errors import AssetMissing
 
     try:
         data = load_data("fashion-mnist", {"kind": "image", "shape": [3, 32, 32]},

@@ -144,7 +144,8 @@ def attention_rule(layout: HeadLayout) -> Callable[[Propagation, fx.Node, nn.Mod
         heads = prop.fresh(n_heads)
         prefix = node.target
         if layout.qkv:
-            rows = _projection(prop, module, prefix, layout.qkv, in_ids).reshape(3, n_heads, head_dim)
+            rows = _projection(prop, module, prefix, layout.qkv, in_ids)
+            rows = rows.reshape(3, n_heads, head_dim)
             prop.union(rows, heads[None, :, None])
             value_rows = rows[2].reshape(-1)
         else:

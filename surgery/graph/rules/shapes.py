@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from surgery.graph.propagate import Propagation, Track, Tracks
 from surgery.graph.rules.registry import BUILTIN
-from surgery.graph.rules.tracks import node_args, size_read, merge_tracks, pin_size_reads
+from surgery.graph.rules.tracks import merge_tracks, node_args, pin_size_reads, size_read
 
 
 def _factor_groups(a: list[int], b: list[int]) -> list[tuple[list[int], list[int]]]:
