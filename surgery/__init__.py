@@ -45,6 +45,6 @@ __all__ = [
     "prune", "make_plan", "PruneOptions", "groups", "couple", "trace", "apply_plan",
     "PruningPlan", "io", "count_params", "count_macs", "measure_latency", "hookimpl",
     "SurgeryError", "CaptureError", "BudgetError", "CalibrationError", "PlanError",
-    "VerificationError", "PluginError", "StorageError", "LoadError", "ExportError",
+    "VerificationError", "PluginError", "StorageError", "OptionsError", "LoadError", "ExportError",
     "AssetMissing",
 ]

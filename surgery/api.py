@@ -14,6 +14,7 @@ import itertools
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
+import numpy as np
 import torch
 
 from surgery._core.modes import evaluating
@@ -24,7 +25,7 @@ from surgery.counting import count_macs, count_params, node_macs
 from surgery.cut.apply import apply_plan
 from surgery.cut.compensation import compensate as compensate_readers
 from surgery.cut.plan import PruningPlan, build_plan
-from surgery.cut.recovery import recalibrate_batchnorm
+from surgery.cut.recovery import recalibrate_batchnorm, stale_batchnorms
 from surgery.errors import BudgetError, CalibrationError
 from surgery.graph.capture import trace
 from surgery.graph.groups import ChannelGroup, Coupling, find_groups
@@ -93,8 +94,9 @@ def prune(model: torch.nn.Module, example_inputs: Any,
                       inplace=inplace)
     plan = decision.plan
     if opts.recalibrate and calib_data is not None:
-        plan.extra["recalibrated_batchnorms"] = recalibrate_batchnorm(pruned, calib_data,
-                                                                      opts.max_batches)
+        stale = stale_batchnorms(decision.ctx.coupling, plan)
+        plan.extra["recalibrated_batchnorms"] = recalibrate_batchnorm(
+            pruned, calib_data, opts.max_batches, only=stale) if stale else 0
     plan.budget["params"] = count_params(pruned)
     plan.budget["macs"] = count_macs(pruned, example_inputs)
     return pruned, plan
@@ -135,6 +137,11 @@ def _decide(model: torch.nn.Module, example_inputs: Any, calib_data: Iterable[An
     # uniform_counts validates the weights before calibration spends any time
     counts = _counts(cost, opts, weights)
     ctx = ScoreContext(coupling, seed=opts.seed, data=calib_data)
+    if opts.sparsity == 0:  # nothing to remove: no statistics, no scores, every atom kept
+        kept = {g.id: np.arange(g.atoms) for g in coupling.prunable}
+        return _Decision(build_plan(coupling, kept, criterion=opts.criterion,
+                                    target=opts.target, budget=_budget(opts, cost, kept, None)),
+                         ctx, kept)
     if crit.needs_calibration or ((statistics or search) and calib_data is not None):
         needs_samples = getattr(getattr(crit, "estimate", None), "needs_samples", False)
         ctx.calibration = calibrate(
@@ -159,14 +166,20 @@ def _decide(model: torch.nn.Module, example_inputs: Any, calib_data: Iterable[An
             compensate=statistics, progress=progress)
     else:
         kept, scores = choose(weights)
-    estimate = cost.cost(cost.mask(kept))
-    budget = {**opts.budget_record(), "kind_weights": dict(weights or {}),
-              **({"kind_search": [[w, g] for w, g in history]} if history else {}),
-              "dense_params": cost.dense.params, "dense_macs": cost.dense.macs,
-              "estimated_params": estimate.params, "estimated_macs": estimate.macs}
     plan = build_plan(coupling, kept, criterion=opts.criterion, target=opts.target,
-                      scores=scores, budget=budget)
+                      scores=scores, budget=_budget(opts, cost, kept, weights, history))
     return _Decision(plan, ctx, kept)
+
+
+def _budget(opts: PruneOptions, cost: CostModel, kept: dict[int, Any],
+            weights: dict[str, float] | None, history: list | None = None) -> dict[str, Any]:
+    """What ``plan.budget`` records: the settings, the kind weights (and the search's
+    candidates) and the estimated cost against the dense one."""
+    estimate = cost.cost(cost.mask(kept))
+    return {**opts.budget_record(), "kind_weights": dict(weights or {}),
+            **({"kind_search": [[w, g] for w, g in history]} if history else {}),
+            "dense_params": cost.dense.params, "dense_macs": cost.dense.macs,
+            "estimated_params": estimate.params, "estimated_macs": estimate.macs}
 
 
 def _criterion(opts: PruneOptions, calib_data: Iterable[Any] | None) -> Criterion:

@@ -11,6 +11,11 @@ class CaptureError(SurgeryError):
     """The model could not be turned into a graph (tracing or shape propagation failed)."""
 
 
+class OptionsError(SurgeryError, ValueError):
+    """An option names something that does not exist (a criterion, an estimator, an option,
+    a module pattern); the message lists what does."""
+
+
 class BudgetError(SurgeryError, ValueError):
     """The requested sparsity or budget cannot be met or is out of range."""
 

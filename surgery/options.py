@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from surgery.budget.cost import KINDS
-from surgery.errors import BudgetError, CalibrationError
+from surgery.errors import BudgetError, CalibrationError, OptionsError
 
 TARGETS = ("output", "labels")
 ALLOCATIONS = ("uniform", "global")
@@ -111,11 +111,11 @@ class PruneOptions:
 
     @classmethod
     def of(cls, options: "PruneOptions | None" = None, **settings: Any) -> "PruneOptions":
-        """``options`` (default: all defaults) with ``settings`` replaced; an unknown name is a
-        TypeError listing the valid ones."""
+        """``options`` (default: all defaults) with ``settings`` replaced; an unknown name is an
+        :class:`OptionsError` listing the valid ones."""
         unknown = sorted(set(settings) - set(cls.names()))
         if unknown:
-            raise TypeError(f"unknown pruning option(s) {unknown}; the options are "
+            raise OptionsError(f"unknown pruning option(s) {unknown}; the options are "
                             f"{cls.names()} (see surgery.PruneOptions).")
         return dataclasses.replace(options or cls(), **settings)
 

@@ -10,6 +10,8 @@
 
 from __future__ import annotations
 
+import os
+
 import pytest
 import torch
 
@@ -24,15 +26,10 @@ def one_thread():
     torch.set_num_threads(before)
 
 
-@pytest.fixture(autouse=True, scope="session")
-def no_third_party_plugins():
-    from surgery.plugins import plugin_manager
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setenv("SURGERY_PLUGINS", "")
-        plugin_manager.cache_clear()
-        yield
-    plugin_manager.cache_clear()
+def pytest_configure(config: pytest.Config) -> None:
+    """Before any test module is imported (the CLI's option choices ask the plugin manager
+    while its module loads): no third-party plugin, here and in the subprocesses tests start."""
+    os.environ["SURGERY_PLUGINS"] = ""
 
 
 @pytest.fixture(params=zoo.ALL_MODELS)

@@ -18,12 +18,14 @@ from hypothesis import strategies as st
 
 import surgery
 from helpers import zoo
+from surgery.budget.allocate import percents
 from surgery.cut.apply import apply_plan
 from surgery.cut.plan import PruningPlan, build_plan
 from surgery.errors import (
     BudgetError,
     CalibrationError,
     CaptureError,
+    OptionsError,
     PlanError,
     PluginError,
     SurgeryError,
@@ -74,6 +76,35 @@ def test_unknown_options_are_refused_with_the_choices(fresh_cnn, options, error,
     with pytest.raises(error, match=words):
         surgery.make_plan(model, x, sparsity=0.3, criterion="magnitude", **options)
     zoo.assert_state_equal(model, before)
+
+
+@pytest.mark.parametrize(("options", "words"), [
+    ({"criterion": "entropy"}, r"unknown criterion 'entropy'; available: \[.*'mi'"),
+    ({"criterion": "mi", "estimator": "kde"}, r"unknown MI estimator 'kde'; available: \[.*'ksg'"),
+    ({"sparsity_": 0.3}, r"unknown pruning option\(s\) \['sparsity_'\]"),
+])
+def test_unknown_names_are_options_errors(fresh_cnn, options, words) -> None:
+    model, x, before = fresh_cnn
+    with pytest.raises(OptionsError, match=words) as info:
+        surgery.make_plan(model, x, _calib(x), **{"sparsity": 0.3, **options})
+    assert isinstance(info.value, SurgeryError)
+    zoo.assert_state_equal(model, before)
+
+
+def test_labels_that_do_not_match_the_batch_are_refused(fresh_cnn) -> None:
+    model, x, before = fresh_cnn
+    batches = [(b, torch.zeros(len(b) - 1, dtype=torch.long)) for b in _calib(x)]
+    with pytest.raises(CalibrationError, match="batch 0 has 3 labels for 4 inputs"):
+        surgery.prune(model, x, batches, sparsity=0.3, target="labels")
+    zoo.assert_state_equal(model, before)
+
+
+@pytest.mark.parametrize(("most", "asked", "said"), [
+    (0.99912, 0.999, ("99.91%", "99.90%")), (0.5, 0.9, ("50.0%", "90.0%")),
+    (0.1234, 0.1235, ("12.34%", "12.35%")),
+])
+def test_percentages_in_a_refusal_can_be_told_apart(most, asked, said) -> None:
+    assert percents(most, asked) == said
 
 
 class WideOutput(nn.Module):
@@ -271,11 +302,13 @@ def test_an_op_that_cannot_take_traced_values_is_named() -> None:
     assert "cannot take traced values" in message and "control flow" not in message
 
 
-def test_example_inputs_that_do_not_run_name_the_node(fresh_cnn) -> None:
+def test_example_inputs_that_do_not_run_name_the_node(fresh_cnn, capfd) -> None:
     model, x, before = fresh_cnn
     with pytest.raises(CaptureError) as info:
         surgery.groups(model, torch.randn(2, 1, 16, 16))
+    assert capfd.readouterr().err == "", "a traceback was printed above the CaptureError"
     message = str(info.value)
+    assert "While executing" not in message and "tlparse" not in message
     assert "at node 'stem'" in message and "to have 3 channels" in message
     assert "given: float32 tensor (2, 1, 16, 16)" in message
     with pytest.raises(CaptureError, match="fails on example_inputs"):

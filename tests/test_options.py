@@ -6,7 +6,7 @@ import pytest
 
 import surgery
 from helpers import zoo
-from surgery.errors import BudgetError
+from surgery.errors import BudgetError, OptionsError
 
 
 def test_keywords_override_an_options_object() -> None:
@@ -21,7 +21,7 @@ def test_keywords_override_an_options_object() -> None:
 
 def test_an_unknown_option_names_the_valid_ones() -> None:
     model, x = zoo.make_model("mlp"), zoo.make_input("mlp")
-    with pytest.raises(TypeError, match=r"unknown pruning option\(s\) \['sparsity_'\].*round_to"):
+    with pytest.raises(OptionsError, match=r"unknown pruning option\(s\) \['sparsity_'\].*round_to"):
         surgery.make_plan(model, x, sparsity_=0.5, criterion="magnitude")
 
 

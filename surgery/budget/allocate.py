@@ -31,6 +31,16 @@ def _rounded(x: float, atoms: int, step: int, min_keep: int) -> int:
     return int(min(atoms, max(min(min_keep, atoms), k)))
 
 
+def percents(*values: float) -> tuple[str, ...]:
+    """The fractions as percentages with the fewest decimals (at least one) that tell them
+    apart: "at most 99.912% ..., asked for 99.900%", never "at most 99.9%, asked for 99.9%"."""
+    for digits in range(1, 7):
+        text = tuple(f"{v:.{digits}%}" for v in values)
+        if len(set(text)) == len(set(values)):
+            return text
+    return text
+
+
 def _first_k(coupling: Coupling, counts: dict[int, int]) -> dict[int, np.ndarray]:
     return {g.id: np.arange(counts[g.id]) for g in coupling.prunable}
 
@@ -71,9 +81,10 @@ def uniform_counts(cost: CostModel, sparsity: float, kind: str, *, round_to: int
                 f"whole (largest group: {max(g.atoms for g in groups)} atoms)") if whole else ""
         spared = sorted({g.kind for g in groups if weights[g.id] == 0})
         note += f"; kind_weights spare {spared}" if spared else ""
+        at_most, asked = percents(most, sparsity)
         raise BudgetError(
-            f"at most {most:.1%} of {kind} can be removed from this model (every prunable group "
-            f"down to {min_keep} atom(s){note}); asked for {sparsity:.1%}. Lower the sparsity or "
+            f"at most {at_most} of {kind} can be removed from this model (every prunable group "
+            f"down to {min_keep} atom(s){note}); asked for {asked}. Lower the sparsity or "
             "min_keep, or unfreeze modules."
         )
     lo, hi = 0.0, t_max
@@ -134,10 +145,9 @@ def global_kept(cost: CostModel, scores: dict[int, np.ndarray], sparsity: float,
         return cost.removed(cost.mask(kept(tau)), kind)
 
     if removed(1.0 + 1e-9) < sparsity - 1e-9:
-        raise BudgetError(
-            f"at most {removed(1.0 + 1e-9):.1%} of {kind} can be removed with min_keep={min_keep};"
-            f" asked for {sparsity:.1%}."
-        )
+        at_most, asked = percents(removed(1.0 + 1e-9), sparsity)
+        raise BudgetError(f"at most {at_most} of {kind} can be removed with min_keep={min_keep};"
+                          f" asked for {asked}.")
     lo, hi = 0.0, 1.0 + 1e-9
     for _ in range(40):
         mid = (lo + hi) / 2

@@ -239,7 +239,29 @@ def load_model(
         inputs = {"kind": "image", "shape": list(shape),
                   "mean": list(cfg.get("mean", IMAGENET_MEAN)),
                   "std": list(cfg.get("std", IMAGENET_STD))}
-    return Loaded(model, recipe, inputs, example, tok)
+    loaded = Loaded(model, recipe, inputs, example, tok)
+    _check_runs(spec, loaded)
+    return loaded
+
+
+def _check_runs(spec: str, loaded: Loaded) -> None:
+    """Run the model once on a one-sample example, so that inputs it cannot take are refused
+    here with what to change, not deep inside a measurement."""
+    from surgery._core.batches import call
+    from surgery._core.modes import evaluating
+
+    example = loaded.example_inputs(1)
+    try:
+        with evaluating(loaded.model), torch.no_grad():
+            call(loaded.model, example)
+    except Exception as exc:
+        what = str(exc).split("\n")[0]
+        shape = (f"input size {'x'.join(map(str, loaded.inputs['shape']))}"
+                 if loaded.inputs["kind"] == "image" else f"{loaded.inputs['kind']} inputs")
+        raise LoadError(
+            f"{spec} does not run on {shape}: {type(exc).__name__}: {what}. Pass the input "
+            "size the model takes (--input-size C,H,W; --seq-len for text models)."
+        ) from exc
 
 
 def _hf_inputs(model: torch.nn.Module, folder: str, seq_len: int, tokenizer: str | None,

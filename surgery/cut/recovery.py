@@ -1,9 +1,10 @@
 """Recovery after surgery: BatchNorm re-estimation (no gradients) and a short distillation.
 
 Removing input channels of a layer shifts the distribution of what it writes, so the running
-statistics of every BatchNorm below a cut go stale. Re-estimating them on the calibration
-batches (a forward pass in train mode with momentum=None, i.e. a cumulative average) is the
-standard fix and costs one pass over the calibration data. A short distillation fine-tune
+statistics of the BatchNorms below it go stale (:func:`stale_batchnorms` says which).
+Re-estimating them on the calibration batches (a forward pass in train mode with
+momentum=None, i.e. a cumulative average) is the standard fix and costs one pass over the
+calibration data. A short distillation fine-tune
 against the dense model's logits (:func:`distill`) goes further, for a budget of steps that
 benchmarks give every method alike.
 """
@@ -18,13 +19,47 @@ from surgery._core.batches import as_args, split_batch, to_device
 from surgery._core.modes import evaluating
 
 
+def stale_batchnorms(coupling: Any, plan: Any) -> set[str]:
+    """The BatchNorms whose input values the cut changes, by module name.
+
+    A layer that *reads* a cut group computes something else (fewer inputs, and compensation
+    refits it), and so does a norm that normalises *across* a cut axis (LayerNorm, GroupNorm);
+    a layer that only *writes* a cut group keeps the values of its kept channels, and a
+    BatchNorm is per channel. Every BatchNorm downstream of a changed node in the graph, and
+    only those, has stale statistics; the others keep theirs (a plan that cuts nothing
+    touches none)."""
+    cut = {d.id for d in plan.groups if len(d.kept) < d.atoms}
+    gm = coupling.capture.graph_module
+    nodes = {n.name: n for n in gm.graph.nodes}
+    changed = [nodes[r.layer] for r in coupling.relations if r.group in cut]
+    across = (torch.nn.LayerNorm, torch.nn.GroupNorm)
+    for gid in cut:
+        owners = {p.rpartition(".")[0] for p, _ in coupling.groups[gid].slices}
+        changed += [n for n in gm.graph.nodes if n.op == "call_module" and n.target in owners
+                    and isinstance(gm.get_submodule(n.target), across)]
+    seen: set[str] = set()
+    stack = list(changed)
+    while stack:
+        node = stack.pop()
+        if node.name not in seen:
+            seen.add(node.name)
+            stack.extend(node.users)
+    return {nodes[name].target for name in seen if nodes[name].op == "call_module"
+            and isinstance(gm.get_submodule(nodes[name].target),
+                           torch.nn.modules.batchnorm._BatchNorm)}
+
+
 def recalibrate_batchnorm(model: torch.nn.Module, calib_data: Iterable[Any],
-                          max_batches: int | None = None) -> int:
-    """Re-estimate every BatchNorm's running statistics on ``calib_data``, in place.
+                          max_batches: int | None = None, *,
+                          only: Iterable[str] | None = None) -> int:
+    """Re-estimate BatchNorm running statistics on ``calib_data``, in place: every BatchNorm,
+    or those named in ``only`` (see :func:`stale_batchnorms`).
 
     Returns the number of BatchNorm layers updated (0: nothing to do, no pass is run)."""
-    norms = [m for m in model.modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm)
-             and m.track_running_stats]
+    names = None if only is None else set(only)
+    norms = [m for n, m in model.named_modules()
+             if isinstance(m, torch.nn.modules.batchnorm._BatchNorm) and m.track_running_stats
+             and (names is None or n in names)]
     if not norms:
         return 0
     saved = {m: m.momentum for m in norms}

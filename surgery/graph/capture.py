@@ -20,7 +20,7 @@ from typing import Any, Callable, Iterable
 
 import torch
 import torch.fx as fx
-from torch.fx.passes.shape_prop import ShapeProp
+from torch.fx.passes.shape_prop import ShapeProp, _extract_tensor_metadata
 
 from surgery._core.batches import as_args
 from surgery._core.modes import evaluating
@@ -323,11 +323,12 @@ def trace(
         with evaluating(model), torch.no_grad():
             shape_prop.propagate(*ordered)
     except Exception as exc:
-        cause, node = exc.__cause__ or exc, shape_prop.current
+        node = shape_prop.current
         at = f" at node {node.name!r} ({node.op} {node.target})" if node is not None else ""
+        what = str(exc).split("\n\nWhile executing")[0]  # fx appends the node and graph
         raise CaptureError(
             f"running the traced {name} on the example inputs failed{at}: "
-            f"{type(cause).__name__}: {cause}. Check that example_inputs match what the model's "
+            f"{type(exc).__name__}: {what}. Check that example_inputs match what the model's "
             f"forward expects (given: {_describe_inputs(ordered)})."
         ) from exc
     return Capture(model, gm, tuple(ordered))
@@ -350,13 +351,30 @@ def _as_keywords(model: torch.nn.Module, args: tuple[Any, ...]) -> dict[str, Any
 
 
 class _ShapeProp(ShapeProp):
-    """ShapeProp that remembers the node it is running, to name it when it fails."""
+    """ShapeProp that remembers the node it is running, to name it when it fails, and lets the
+    failure propagate as it is: ShapeProp's own ``run_node`` prints the whole traceback to
+    stderr before re-raising, which a user would see above the :class:`CaptureError` that
+    says what to do. Without fake tensors (never used here) the metadata is the same."""
 
     current: fx.Node | None = None
 
     def run_node(self, n: fx.Node) -> Any:
         self.current = n
-        return super().run_node(n)
+        result = fx.Interpreter.run_node(self, n)
+        found = False
+
+        def meta(value: Any) -> Any:
+            nonlocal found
+            if isinstance(value, torch.Tensor):
+                found = True
+                return _extract_tensor_metadata(value)
+            return value
+
+        tensor_meta = fx.node.map_aggregate(result, meta)
+        if found:
+            n.meta["tensor_meta"] = tensor_meta
+        n.meta["type"] = type(result)
+        return result
 
 
 def _describe_inputs(values: list[Any]) -> str:

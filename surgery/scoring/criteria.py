@@ -13,6 +13,7 @@ from typing import Any, Callable, TypeVar
 import numpy as np
 import torch
 
+from surgery.errors import OptionsError
 from surgery.graph.groups import ChannelGroup, Coupling
 from surgery.stats.calibration import Calibration
 
@@ -198,7 +199,7 @@ def get_criterion(name: str, **options: Any) -> Criterion:
 
     available = {**CRITERIA, **merged(call_hook("surgery_criteria"))}
     if name not in available:
-        raise ValueError(f"unknown criterion {name!r}; available: {sorted(available)}.")
+        raise OptionsError(f"unknown criterion {name!r}; available: {sorted(available)}.")
     factory = available[name]
     return factory(**options) if options else factory()
 

@@ -34,6 +34,7 @@ from typing import Callable
 import numpy as np
 import torch
 
+from surgery.errors import OptionsError
 from surgery.stats.moments import MomentSums
 
 Estimator = Callable[..., np.ndarray]
@@ -178,5 +179,5 @@ def get_estimator(name: str) -> Callable[..., np.ndarray]:
 
     available = {**ESTIMATORS, **merged(call_hook("surgery_estimators"))}
     if name not in available:
-        raise ValueError(f"unknown MI estimator {name!r}; available: {sorted(available)}.")
+        raise OptionsError(f"unknown MI estimator {name!r}; available: {sorted(available)}.")
     return available[name]

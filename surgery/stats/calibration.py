@@ -169,6 +169,10 @@ class _Fold:
 
     def __call__(self, b: int, inputs: Any, output: Any, labels: torch.Tensor | None) -> None:
         result, relations = self.result, self.result.coupling.relations
+        if self.target == "labels" and labels is not None and len(labels) != rows(inputs):
+            raise CalibrationError(
+                f"calibration batch {b} has {len(labels)} labels for {rows(inputs)} inputs; "
+                "each batch must carry one label per input (a 1-D integer tensor).")
         top = (top_signal(output, None if labels is None else labels.to(self.device),
                           self.target) if self.reads_output else None)
         mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None

@@ -219,6 +219,15 @@ def test_inspect_factory_png_and_errors(tmp_path: Path) -> None:
     assert res.exit_code == 1 and "must end in .svg or .png" in res.output
 
 
+def test_inputs_the_model_cannot_take_are_one_clear_line(tmp_path: Path) -> None:
+    res = invoke("prune", "helpers.cli_models:tiny_resnet", "--input-size", "1,16,16",
+                 "--criterion", "magnitude", "--out", str(tmp_path / "p"))
+    assert res.exit_code == 1
+    assert "does not run on input size 1x16x16" in res.output and "--input-size" in res.output
+    assert "Traceback" not in res.output and "RuntimeError: Given" in res.output
+    assert not (tmp_path / "p").exists()
+
+
 # ---- eval / bench / export ------------------------------------------------------------------
 
 def test_eval_reproduces_the_prune_measurements(pruned: Path, tmp_path: Path) -> None:
