@@ -19,7 +19,7 @@ _moved.install()  # old module paths (surgery.propagate, surgery.loading ...) ke
 
 from surgery import io  # noqa: E402
 from surgery.api import couple, groups, make_plan, prune  # noqa: E402
-from surgery.counting import count_macs, count_params, measure_latency  # noqa: E402
+from surgery.counting import count_macs, count_params  # noqa: E402
 from surgery.cut.apply import apply_plan  # noqa: E402
 from surgery.cut.plan import PruningPlan  # noqa: E402
 from surgery.errors import (  # noqa: E402
@@ -38,6 +38,7 @@ from surgery.errors import (  # noqa: E402
 from surgery.graph.capture import trace  # noqa: E402
 from surgery.hookspecs import hookimpl  # noqa: E402
 from surgery.options import PruneOptions  # noqa: E402
+from surgery.timing import measure_latency  # noqa: E402
 
 __version__ = "0.1.0"
 

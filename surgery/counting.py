@@ -1,4 +1,4 @@
-"""Measuring a model: parameters, MACs, latency and accuracy.
+"""Measuring a model: parameters, MACs and accuracy; latency through :mod:`surgery.timing`.
 
 MACs come from ``torch.utils.flop_counter.FlopCounterMode`` (flops / 2), the counter torch
 maintains for its own ops, rather than per-layer formulas of our own.
@@ -6,8 +6,6 @@ maintains for its own ops, rather than per-layer formulas of our own.
 
 from __future__ import annotations
 
-import statistics
-import time
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
 
@@ -18,6 +16,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from surgery._core.batches import call, first_tensor, split_batch, to_device
 from surgery._core.modes import evaluating
 from surgery.errors import SurgeryError
+from surgery.timing import Speedup, Timing, time_interleaved
 
 
 def count_params(model: torch.nn.Module) -> int:
@@ -81,24 +80,6 @@ def node_macs(gm: fx.GraphModule, args: tuple[Any, ...]) -> dict[str, int]:
     return interp.macs
 
 
-def measure_latency(
-    model: torch.nn.Module, example_inputs: Any, *, repeats: int = 10, warmup: int = 2
-) -> float:
-    """Median wall time (seconds) of a forward pass in inference mode."""
-    times = []
-    with evaluating(model), torch.inference_mode():
-        for i in range(warmup + repeats):
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            start = time.perf_counter()
-            call(model, example_inputs)
-            if torch.cuda.is_available():
-                torch.cuda.synchronize()
-            if i >= warmup:
-                times.append(time.perf_counter() - start)
-    return statistics.median(times)
-
-
 @dataclass
 class Measurement:
     """What was measured of one model (None: not measured)."""
@@ -108,7 +89,9 @@ class Measurement:
     accuracy: float | None = None
     samples: int | None = None
     latency_ms: float | None = None
+    """Median forward time at ``latency_batch``, timed interleaved with the model compared."""
     latency_batch: int | None = None
+    latency_quartiles_ms: tuple[float, float] | None = None
 
 
 def accuracy(model: torch.nn.Module, batches: Iterable[Any],
@@ -140,14 +123,26 @@ def accuracy(model: torch.nn.Module, batches: Iterable[Any],
 
 
 def measure(model: torch.nn.Module, example: Any, *, batches: Iterable[Any] | None = None,
-            latency_inputs: Any = None, latency_batch: int | None = None, repeats: int = 10,
             progress: Callable[[int], None] | None = None) -> Measurement:
-    """Params, MACs (on the one-sample ``example``), accuracy on ``batches`` and the median
-    latency on ``latency_inputs``, each when given."""
+    """Params, MACs (on the one-sample ``example``) and accuracy on ``batches`` when given;
+    latency is measured for several models at once (:func:`add_latency`)."""
     m = Measurement(count_params(model), count_macs(model, example))
     if batches is not None:
         m.accuracy, m.samples = accuracy(model, batches, progress)
-    if latency_inputs is not None:
-        m.latency_ms = measure_latency(model, latency_inputs, repeats=repeats) * 1e3
-        m.latency_batch = latency_batch
     return m
+
+
+def add_latency(measured: dict[str, Measurement], models: dict[str, torch.nn.Module],
+                inputs: Any, batch: int | None, *, rounds: int = 9) -> Speedup | None:
+    """Time ``models`` interleaved on ``inputs`` (see :mod:`surgery.timing`) and write each
+    one's median and quartiles into ``measured[name]``. Returns the speedup of ``"pruned"``
+    over ``"dense"`` when both are there."""
+    samples = time_interleaved(models, inputs, rounds=rounds)
+    for name, seconds in samples.items():
+        timing = Timing.of(seconds)
+        m = measured[name]
+        m.latency_ms, m.latency_batch = timing.median_ms, batch
+        m.latency_quartiles_ms = (timing.low_ms, timing.high_ms)
+    if {"dense", "pruned"} <= set(samples):
+        return Speedup.of(samples["dense"], samples["pruned"])
+    return None

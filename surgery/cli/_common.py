@@ -23,6 +23,35 @@ console = Console()
 err_console = Console(stderr=True)
 
 
+def _version(value: bool) -> None:
+    if value:
+        import surgery
+
+        console.print(f"surgery {surgery.__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(version: Annotated[bool, typer.Option(
+        "--version", callback=_version, is_eager=True,
+        help="Print the version and exit.")] = False) -> None:
+    """Prune PyTorch models by mutual information, for real."""
+    _quiet_transformers()
+
+
+def _quiet_transformers() -> None:
+    """transformers' own tqdm bars and load reports would interleave with the Rich progress
+    bars: its bars are off, and only its errors show unless TRANSFORMERS_VERBOSITY says
+    otherwise."""
+    try:
+        from transformers.utils import logging as hf_logging
+    except ImportError:
+        return
+    if "TRANSFORMERS_VERBOSITY" not in os.environ:
+        hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+
+
 KIND_NOUNS = {"hidden": "hidden dims"}
 """How the summary names atoms of a kind (default: the kind plus "s")."""
 
@@ -168,11 +197,22 @@ def check_out(out: Path, overwrite: bool) -> None:
 
 
 def load_model_spec(spec: str, **options: Any):
+    """The model a MODEL spec names; says on the console when it has random weights (a timm
+    or torchvision name without --checkpoint), since every figure about it means little."""
     from surgery.cli.specs import load_model, parse_size
 
     options["input_size"] = parse_size(options.get("input_size"))
-    with console.status(f"loading {spec}..."):
-        return load_model(spec, **options)
+    if ":" in spec and not spec.startswith(("timm:", "torchvision:")):
+        loaded = load_model(spec, **options)  # a factory: it may show progress of its own
+    else:
+        with console.status(f"loading {spec}..."):
+            loaded = load_model(spec, **options)
+    if loaded.recipe["source"] in ("timm", "torchvision") and not loaded.recipe.get("checkpoint"):
+        err_console.print(
+            f"[yellow]warning:[/] {spec} has random weights (seed {loaded.recipe['seed']}): no "
+            "hub is used and no --checkpoint was given, so accuracy and MI scores describe an "
+            "untrained network; pass --checkpoint WEIGHTS for a trained one.")
+    return loaded
 
 
 def label2id_of(model: Any) -> dict[str, int] | None:

@@ -28,8 +28,10 @@ from surgery.cli._common import (
 def bench(
     folder: PrunedFolderArg,
     batch_sizes: Annotated[str, typer.Option(help="Batch sizes, comma separated.")] = "1,32",
-    repeats: Annotated[int, typer.Option(
-        min=1, help="Timed runs per batch size (median reported).")] = 10,
+    rounds: Annotated[int, typer.Option(
+        "--rounds", "--repeats", min=1,
+        help="Interleaved rounds per batch size: each round times dense and pruned once, in "
+             "alternating order (median and quartiles reported).")] = 9,
     device: Device = "auto",
     threads: Threads = 0,
     json_out: JsonOut = None,
@@ -38,7 +40,8 @@ def bench(
     import torch
 
     from surgery._core.batches import to_device
-    from surgery.counting import count_macs, count_params, measure_latency
+    from surgery.counting import count_macs, count_params
+    from surgery.timing import Speedup, Timing, time_interleaved
 
     sizes = parse_ints(batch_sizes, "--batch-sizes")
     dev = pick_device(device, threads)
@@ -48,15 +51,17 @@ def bench(
     one = to_device(pruned.example_inputs(1), torch.device(dev))
     results: dict[str, Any] = {name: {"params": count_params(m), "macs": count_macs(m, one),
                                       "latency_ms": {}} for name, m in models.items()}
-    with stages({"benchmark": len(sizes) * len(models)}) as bars:
-        step = 0
-        for b in sizes:
+    speedups: dict[int, Speedup] = {}
+    with stages({"benchmark (batch sizes)": len(sizes)}) as bars:
+        for step, b in enumerate(sizes):
             x = to_device(pruned.example_inputs(b), torch.device(dev))
-            for name, m in models.items():
-                results[name]["latency_ms"][b] = measure_latency(m, x, repeats=repeats) * 1e3
-                bars("benchmark", step)
-                step += 1
-    table = Table(title=f"{folder}: latency on {dev} (median of {repeats})")
+            samples = time_interleaved(models, x, rounds=rounds)
+            for name, seconds in samples.items():
+                results[name]["latency_ms"][b] = vars(Timing.of(seconds))
+            if dense is not None:
+                speedups[b] = Speedup.of(samples["dense"], samples["pruned"])
+            bars("benchmark (batch sizes)", step)
+    table = Table(title=f"{folder}: latency on {dev} (median of {rounds} interleaved rounds)")
     for col in ("", "dense", "pruned", "change"):
         table.add_column(col, justify="right")
     d, p = results.get("dense"), results["pruned"]
@@ -64,9 +69,9 @@ def bench(
         table.add_row(label, f"{d[key]:,}" if d else "n/a", f"{p[key]:,}",
                       f"{p[key] / d[key]:.2f}x" if d and d[key] else "")
     for b in sizes:
-        dl = d["latency_ms"][b] if d else None
-        pl = p["latency_ms"][b]
+        dl = d["latency_ms"][b]["median_ms"] if d else None
+        pl = p["latency_ms"][b]["median_ms"]
         table.add_row(f"batch {b} (ms)", f"{dl:.2f}" if dl else "n/a", f"{pl:.2f}",
-                      f"{dl / pl:.2f}x faster" if dl and pl else "")
+                      speedups[b].text() if b in speedups else "")
     console.print(table)
-    write_json(json_out, results)
+    write_json(json_out, {**results, "speedup": {b: vars(s) for b, s in speedups.items()}})

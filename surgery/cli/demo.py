@@ -1,10 +1,14 @@
-"""``surgery demo``: prune a real trained model on real data and print before/after."""
+"""``surgery demo``: prune a real trained model on real data and print before/after.
+
+Each demo writes its own folder (``surgery-demo-minilm/``, ``surgery-demo-resnet18/``), whole
+and at once, through ``surgery prune``: running one demo never touches another's folder.
+"""
 
 from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 from rich.table import Table
@@ -14,6 +18,9 @@ from surgery.cli._common import app, choice, console, criterion_names
 Demo = choice("Demo", ("minilm", "resnet18"))
 CriterionName = choice("CriterionName", criterion_names())
 
+COMPARED = ("mi", "mi_topk", "act_weight", "magnitude", "random")
+"""The criteria ``surgery demo resnet18`` compares side by side."""
+
 
 @app.command()
 def demo(
@@ -21,97 +28,85 @@ def demo(
                                               "Tomatoes) or resnet18 (on Fashion-MNIST).")
                     ] = "minilm",
     sparsity: Annotated[float, typer.Option(
-        help="Share of the encoder's parameters (minilm) or of "
-                                              "MACs (resnet18) to remove.")] = 0.5,
+        help="Share of the encoder's parameters (minilm) or of MACs (resnet18) to remove.")
+    ] = 0.5,
     criterion: Annotated[CriterionName, typer.Option(help="How atoms are ranked.")] = "mi",
-    out: Annotated[Path, typer.Option(help="Output folder (replaced).")] = Path("surgery-demo"),
+    out: Annotated[Optional[Path], typer.Option(
+        help="Output folder (default: surgery-demo-TASK/, replaced on every run).")] = None,
+    overwrite: Annotated[bool, typer.Option(
+        "--overwrite", help="Replace --out when it exists (the default folder always is).")
+    ] = False,
 ) -> None:
     """Prune a real trained model on real data and print before/after.
 
     minilm: fine-tunes all-MiniLM-L6-v2 on Rotten Tomatoes once (cached), then runs
-    'surgery prune' on it and leaves the pruned model, plan and report in --out."""
+    'surgery prune' on it and leaves the pruned model, plan and report in --out.
+    resnet18: trains a ResNet-18 on Fashion-MNIST once (cached), compares the criteria at 50%
+    and 75% of MACs removed, then prunes it with --criterion into --out."""
+    folder = out or Path(f"surgery-demo-{task}")
+    replace = overwrite or out is None
     if task == "resnet18":
-        return _demo_resnet18(sparsity, criterion, out)
+        return _demo_resnet18(sparsity, str(criterion), folder, replace)
     from surgery import demo as job
 
-    with console.status("loading or fine-tuning all-MiniLM-L6-v2 on Rotten Tomatoes (about 3 "
-                        "minutes the first time)..."):
-        folder = job.minilm_folder_and_data(job.minilm_rotten_tomatoes(log=console.print),
-                                            log=console.print)
-    args = ["prune", str(folder), "--out", str(out), "--overwrite", "--sparsity", str(sparsity),
-            "--budget", "params", "--budget-scope", "bert.encoder", "--criterion", criterion,
-            "--data", str(folder / "train.jsonl"), "--eval-data", str(folder / "test.jsonl"),
-            "--calib-samples", "512", "--eval-samples", "2000", "--batch-size", "32",
-            "--seq-len", "64", "--round-to", "16"]
+    data = job.minilm_folder_and_data(job.minilm_rotten_tomatoes(log=console.print),
+                                      log=console.print)
+    _prune(str(data), folder, replace, sparsity, str(criterion),
+           ["--budget", "params", "--budget-scope", "bert.encoder",
+            "--data", str(data / "train.jsonl"), "--eval-data", str(data / "test.jsonl"),
+            "--batch-size", "32", "--seq-len", "64", "--round-to", "16"])
+
+
+def _prune(model: str, out: Path, replace: bool, sparsity: float, criterion: str,
+           options: list[str]) -> None:
+    """``surgery prune`` on the demo's model, printed as a user would type it."""
+    args = ["prune", model, "--out", str(out), "--sparsity", str(sparsity), "--criterion",
+            criterion, "--calib-samples", "512", "--eval-samples", "2000", *options]
+    args += ["--overwrite"] if replace else []
     console.print("[bold]" + " ".join(["surgery", *args]))
     typer.main.get_command(app).main(args=args, prog_name="surgery", standalone_mode=False)
 
 
-def _demo_resnet18(sparsity: float, criterion: str, out: Path) -> None:
-    """ResNet-18 trained on Fashion-MNIST, pruned by ``criterion`` and the baselines."""
-    import torch
-
+def _demo_resnet18(sparsity: float, criterion: str, out: Path, replace: bool) -> None:
+    """ResNet-18 trained on Fashion-MNIST: every criterion at 50% and 75% of MACs removed, with
+    the standard error of each accuracy, then ``surgery prune`` by ``criterion``."""
     import surgery
     from surgery import demo as job
-    from surgery.counting import Measurement, measure
+    from surgery.counting import measure
     from surgery.demo.datasets import fashion_mnist
 
     calib_images, test_images = 512, 2000
-    torch.manual_seed(0)
-    with console.status("loading or training ResNet-18 on Fashion-MNIST..."):
-        model = job.resnet18_fashion(log=console.print)
+    model = job.resnet18_fashion(log=console.print)
     train_x, train_y = fashion_mnist("train")
     test_x, test_y = fashion_mnist("test")
-    calib_x = job.prepare(train_x[-calib_images:])
-    calib_y = train_y[-calib_images:]
+    calib_x, calib_y = job.prepare(train_x[-calib_images:]), train_y[-calib_images:]
     test_x, test_y = job.prepare(test_x[:test_images]), test_y[:test_images]
     calib = [(calib_x[i:i + 64], calib_y[i:i + 64]) for i in range(0, len(calib_x), 64)]
     tests = [(test_x[i:i + 256], test_y[i:i + 256]) for i in range(0, len(test_x), 256)]
-
-    def measured(net: torch.nn.Module) -> Measurement:
-        return measure(net, test_x[:1], batches=tests, latency_inputs=test_x[:32],
-                       latency_batch=32)
-
-    with console.status("measuring the dense model..."):
-        dense = measured(model)
-    results = {}
-    for crit in dict.fromkeys([criterion, "mi_topk", "act_weight", "magnitude", "random"]):
-        start = time.perf_counter()
-        with console.status(f"pruning {sparsity:.0%} of MACs by {crit}..."):
-            pruned, plan = surgery.prune(model, test_x[:2], calib, sparsity=sparsity,
-                                         criterion=crit, target="output")
-        seconds = time.perf_counter() - start
-        with console.status(f"measuring the model pruned by {crit}..."):
-            results[crit] = (measured(pruned), seconds, plan)
-    after, seconds, plan = results[criterion]
-
-    groups = Table(title=f"coupled channel groups cut by {criterion} ({len(plan.groups)} prunable)")
-    for col in ("group", "kind", "atoms", "kept"):
-        groups.add_column(col, justify="right" if col in ("atoms", "kept") else "left")
-    for g in plan.groups:
-        groups.add_row(g.name, g.kind, str(g.atoms), str(len(g.kept)))
-    console.print(groups)
-
-    table = Table(title=f"ResNet-18 / Fashion-MNIST, {sparsity:.0%} of MACs removed by {criterion} "
-                        f"(pruned in {seconds:.1f} s; BatchNorm statistics re-estimated, "
-                        "no retraining)")
-    for col in ("", "dense", "pruned", "ratio"):
-        table.add_column(col, justify="right")
-    table.add_row("test accuracy", f"{dense.accuracy:.3f}", f"{after.accuracy:.3f}",
-                  f"{after.accuracy - dense.accuracy:+.3f}")
-    table.add_row("parameters", f"{dense.params:,}", f"{after.params:,}",
-                  f"{after.params / dense.params:.2f}x")
-    table.add_row("MACs / image", f"{dense.macs:,}", f"{after.macs:,}",
-                  f"{after.macs / dense.macs:.2f}x")
-    table.add_row("latency, batch 32 (ms)", f"{dense.latency_ms:.1f}", f"{after.latency_ms:.1f}",
-                  f"{dense.latency_ms / after.latency_ms:.2f}x faster")
+    dense = measure(model, test_x[:1], batches=tests)
+    table = Table(title=f"ResNet-18 / Fashion-MNIST: test accuracy ± standard error "
+                        f"({test_images} images; dense {_acc(dense.accuracy, test_images)}), "
+                        "BatchNorm re-estimated, least-squares compensation, no retraining")
+    table.add_column("criterion")
+    for share in (0.5, 0.75):
+        table.add_column(f"{share:.0%} of MACs removed", justify="right")
+    table.add_column("prune time (s)", justify="right")
+    for crit in dict.fromkeys([criterion, *COMPARED]):
+        cells, seconds = [], 0.0
+        for share in (0.5, 0.75):
+            start = time.perf_counter()
+            with console.status(f"pruning {share:.0%} of MACs by {crit}..."):
+                pruned, _ = surgery.prune(model, test_x[:2], calib, sparsity=share,
+                                          criterion=crit)
+            seconds += time.perf_counter() - start
+            cells.append(_acc(measure(pruned, test_x[:1], batches=tests).accuracy, test_images))
+        table.add_row(crit, *cells, f"{seconds / 2:.1f}")
     console.print(table)
-    others = Table(title="same budget, other criteria (test accuracy)")
-    for col in ("criterion", "accuracy", "pruning time (s)"):
-        others.add_column(col, justify="right")
-    for crit, (m, secs, _) in results.items():
-        others.add_row(crit, f"{m.accuracy:.3f}", f"{secs:.1f}")
-    console.print(others)
-    out.mkdir(parents=True, exist_ok=True)
-    plan.save(out / "plan.json")
-    console.print(f"plan written to {out / 'plan.json'}")
+    _prune("surgery.demo:resnet18_fashion", out, replace, sparsity, criterion,
+           ["--input-size", "3,32,32", "--data", "fashion-mnist", "--batch-size", "64"])
+
+
+def _acc(accuracy: float | None, n: int) -> str:
+    if accuracy is None:
+        return "n/a"
+    return f"{accuracy:.3f} ± {(accuracy * (1 - accuracy) / n) ** 0.5:.3f}"

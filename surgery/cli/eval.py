@@ -36,7 +36,8 @@ from surgery.cli._common import (
 def eval_(
     folder: PrunedFolderArg,
     data: Annotated[str, typer.Option(help=DATA_HELP)],
-    samples: Annotated[int, typer.Option(min=1, help="Samples to evaluate.")] = 2000,
+    eval_samples: Annotated[int, typer.Option(
+        "--eval-samples", "--samples", min=1, help="Samples to evaluate.")] = 2000,
     batch_size: Annotated[int, typer.Option(min=1, help="Batch size.")] = 64,
     latency_batch: Annotated[int, typer.Option(
         min=0, help="Batch size for latency (0: skip).")] = 32,
@@ -55,29 +56,34 @@ def eval_(
     from surgery._core.batches import to_device
     from surgery.cli.data import load_data
     from surgery.cli.report import summary_rows
-    from surgery.counting import Measurement, measure
+    from surgery.counting import Measurement, add_latency, measure
 
     dev = pick_device(device, threads)
     pruned, dense = open_folder(folder, dev)
-    batches = load_data(data, pruned.inputs, split="test", batch_size=batch_size, limit=samples,
+    batches = load_data(data, pruned.inputs, split="test", batch_size=batch_size,
+                        limit=eval_samples,
                         tokenizer=pruned.tokenizer(), resize=resize,
                         mean=parse_floats(mean, "--mean"),
                         std=parse_floats(std, "--std"), text_column=text_column,
                         label_column=label_column, label2id=label2id_of(pruned.model))
     example = to_device(pruned.example_inputs(1), torch.device(dev))
-    timing = (to_device(pruned.example_inputs(latency_batch), torch.device(dev))
-              if latency_batch > 0 else None)
+    models = {"dense": dense, "pruned": pruned.model} if dense is not None else \
+        {"pruned": pruned.model}
     results: dict[str, Measurement] = {}
-    with stages({"evaluate dense": batches.total, "evaluate pruned": batches.total}) as bars:
-        for name, net in (("dense", dense), ("pruned", pruned.model)):
-            if net is not None:
-                results[name] = measure(net, example, batches=batches, latency_inputs=timing,
-                                        latency_batch=latency_batch or None,
-                                        progress=bars.callback(f"evaluate {name}"))
+    with stages({f"evaluate {name}": batches.total for name in models}) as bars:
+        for name, net in models.items():
+            results[name] = measure(net, example, batches=batches,
+                                    progress=bars.callback(f"evaluate {name}"))
+    speedup = None
+    if latency_batch > 0:
+        with console.status(f"timing {' and '.join(models)} at batch {latency_batch}..."):
+            timing = to_device(pruned.example_inputs(latency_batch), torch.device(dev))
+            speedup = add_latency(results, models, timing, latency_batch)
     after = results["pruned"]
     before = results.get("dense", Measurement(0, 0))
     if after.accuracy is None:
         err_console.print(f"[yellow]warning:[/] {data!r} has no labels or the model outputs no "
                           "class scores: no accuracy.")
-    console.print(summary_table(f"{folder} on {data}", summary_rows(before, after)))
-    write_json(json_out, {k: vars(v) for k, v in results.items()})
+    console.print(summary_table(f"{folder} on {data}", summary_rows(before, after, speedup)))
+    write_json(json_out, {**{k: vars(v) for k, v in results.items()},
+                          "speedup": vars(speedup) if speedup is not None else None})

@@ -138,8 +138,8 @@ def prune(
                      batch_size=batch_size)
     calib, evaluation = _data(data, eval_data, loaded, options, calib_samples, eval_samples,
                               data_opts)
-    dense, after, pruned, plan, seconds = _prune_and_measure(loaded, dev, options, calib,
-                                                             evaluation, latency_batch)
+    dense, after, speedup, pruned, plan, seconds = _prune_and_measure(
+        loaded, dev, options, calib, evaluation, latency_batch)
     settings = {
         "model": model, "checkpoint": str(checkpoint) if checkpoint else "none (seeded init)"
         if loaded.recipe["source"] in ("timm", "torchvision") else "the model's own",
@@ -153,8 +153,9 @@ def prune(
         "batchnorm re-estimation": recalibrate, "least-squares compensation": compensate,
         "device": dev, "seed": seed,
     }
-    _write(out, overwrite, loaded, pruned, plan, model, command, dense, after, settings, seconds)
-    _summarise(model, options, plan, dense, after, seconds, out)
+    _write(out, overwrite, loaded, pruned, plan, model, command, dense, after, speedup, settings,
+           seconds)
+    _summarise(model, options, plan, dense, after, speedup, seconds, out)
 
 
 def _data(data: str | None, eval_data: str | None, loaded: Any, options: PruneOptions,
@@ -175,35 +176,38 @@ def _data(data: str | None, eval_data: str | None, loaded: Any, options: PruneOp
 
 def _prune_and_measure(loaded: Any, dev: str, options: PruneOptions, calib: Any,
                        evaluation: Any, latency_batch: int) -> tuple:
-    """Measure the dense model, prune it, measure the pruned one, with progress bars."""
+    """Prune, then measure both models: accuracy each, latency side by side (interleaved
+    rounds, so a busy machine slows both alike), with progress bars."""
     import torch
 
     import surgery
     from surgery._core.batches import to_device
-    from surgery.counting import measure
+    from surgery.counting import add_latency, measure
 
     net = loaded.model
     example = to_device(loaded.example_inputs(1), torch.device(dev))
-    timing = (to_device(loaded.example_inputs(latency_batch), torch.device(dev))
-              if latency_batch > 0 else None)
-    totals = {"measure dense": evaluation.total if evaluation else None,
-              "calibrate": calib.total if calib else None,
+    totals = {"calibrate": calib.total if calib else None,
+              "measure dense": evaluation.total if evaluation else None,
               "measure pruned": evaluation.total if evaluation else None}
     with stages(totals) as bars:
-        dense = measure(net, example, batches=evaluation, latency_inputs=timing,
-                        latency_batch=latency_batch or None,
-                        progress=bars.callback("measure dense") if evaluation else None)
         start = time.perf_counter()
         pruned, plan = surgery.prune(net, example, calib, options=options, progress=bars)
         seconds = time.perf_counter() - start
-        after = measure(pruned, example, batches=evaluation, latency_inputs=timing,
-                        latency_batch=latency_batch or None,
+        dense = measure(net, example, batches=evaluation,
+                        progress=bars.callback("measure dense") if evaluation else None)
+        after = measure(pruned, example, batches=evaluation,
                         progress=bars.callback("measure pruned") if evaluation else None)
-    return dense, after, pruned, plan, seconds
+    speedup = None
+    if latency_batch > 0:
+        with console.status(f"timing dense and pruned side by side at batch {latency_batch}..."):
+            timing = to_device(loaded.example_inputs(latency_batch), torch.device(dev))
+            speedup = add_latency({"dense": dense, "pruned": after},
+                                  {"dense": net, "pruned": pruned}, timing, latency_batch)
+    return dense, after, speedup, pruned, plan, seconds
 
 
 def _write(out: Path, overwrite: bool, loaded: Any, pruned: Any, plan: Any, model: str,
-           command: str, dense: Any, after: Any, settings: dict[str, Any],
+           command: str, dense: Any, after: Any, speedup: Any, settings: dict[str, Any],
            seconds: float) -> None:
     """The pruned model, its plan and the report, into ``out`` at once (or not at all)."""
     from surgery.cli.folders import save_pruned
@@ -214,17 +218,17 @@ def _write(out: Path, overwrite: bool, loaded: Any, pruned: Any, plan: Any, mode
         with atomic_folder(out, overwrite=overwrite) as tmp:
             save_pruned(tmp, loaded, pruned, plan)
             write_report(tmp, plan=plan, model=model, command=command, dense=dense,
-                         pruned=after, settings=settings, seconds=seconds)
+                         pruned=after, speedup=speedup, settings=settings, seconds=seconds)
 
 
 def _summarise(model: str, options: PruneOptions, plan: Any, dense: Any, after: Any,
-               seconds: float, out: Path) -> None:
+               speedup: Any, seconds: float, out: Path) -> None:
     from surgery.cli.report import summary_rows
 
     scope = f" in {','.join(options.budget_scope)}" if options.budget_scope else ""
     console.print(summary_table(
         f"{model}: {options.sparsity:.0%} of {options.budget}{scope} removed by "
-        f"{options.criterion} in {seconds:.1f} s", summary_rows(dense, after)))
+        f"{options.criterion} in {seconds:.1f} s", summary_rows(dense, after, speedup)))
     kinds: dict[str, list[int]] = {}
     for g in plan.groups:
         k = kinds.setdefault(g.kind, [0, 0])

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import html
 import json
+import math
 import platform
 import subprocess
 from dataclasses import asdict
@@ -17,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from surgery.counting import Measurement
+from surgery.timing import Speedup
 
 KIND_COLORS = {"channel": "#1f77b4", "head": "#ff7f0e", "neuron": "#2ca02c", "hidden": "#d62728"}
 OTHER_COLOR = "#7f7f7f"
@@ -191,7 +193,10 @@ def _ratio(a: float | None, b: float | None, fmt: str = "{:.2f}x") -> str:
     return fmt.format(b / a) if a and b is not None else ""
 
 
-def summary_rows(dense: Measurement, pruned: Measurement) -> list[list[str]]:
+def summary_rows(dense: Measurement, pruned: Measurement,
+                 speedup: Speedup | None = None) -> list[list[str]]:
+    """The before/after table: params, MACs, accuracy with its standard error, latency (the
+    speed change from ``speedup``, the interleaved per-round ratio, when given)."""
     rows = [
         ["parameters", _fmt_int(dense.params), _fmt_int(pruned.params),
          _ratio(dense.params, pruned.params)],
@@ -200,15 +205,25 @@ def summary_rows(dense: Measurement, pruned: Measurement) -> list[list[str]]:
     ]
     if dense.accuracy is not None or pruned.accuracy is not None:
         da, pa = dense.accuracy, pruned.accuracy
-        rows.append([f"accuracy ({pruned.samples or dense.samples} samples)",
-                     "n/a" if da is None else f"{da:.4f}", "n/a" if pa is None else f"{pa:.4f}",
+        rows.append([f"accuracy ({pruned.samples or dense.samples} samples, ± standard error)",
+                     _accuracy(da, dense.samples), _accuracy(pa, pruned.samples),
                      f"{pa - da:+.4f}" if da is not None and pa is not None else ""])
     if dense.latency_ms is not None or pruned.latency_ms is not None:
         dl, pl = dense.latency_ms, pruned.latency_ms
-        rows.append([f"latency, batch {pruned.latency_batch or dense.latency_batch} (ms)",
-                     "n/a" if dl is None else f"{dl:.2f}", "n/a" if pl is None else f"{pl:.2f}",
-                     f"{dl / pl:.2f}x faster" if dl and pl else ""])
+        change = speedup.text() if speedup is not None else (
+            Speedup(dl / pl, dl / pl, dl / pl, 1).text() if dl and pl else "")
+        rows.append([f"latency, batch {pruned.latency_batch or dense.latency_batch} (ms, "
+                     "median)", "n/a" if dl is None else f"{dl:.2f}",
+                     "n/a" if pl is None else f"{pl:.2f}", change])
     return rows
+
+
+def _accuracy(value: float | None, samples: int | None) -> str:
+    if value is None:
+        return "n/a"
+    if not samples:
+        return f"{value:.4f}"
+    return f"{value:.4f} ± {math.sqrt(value * (1 - value) / samples):.4f}"
 
 
 def group_rows(plan: Any) -> list[list[str]]:
@@ -232,7 +247,7 @@ def _html_table(header: list[str], rows: list[list[str]]) -> str:
 
 def write_report(folder: str | Path, *, plan: Any, model: str, command: str,
                  dense: Measurement, pruned: Measurement, settings: dict[str, Any],
-                 seconds: float | None = None) -> list[Path]:
+                 seconds: float | None = None, speedup: Speedup | None = None) -> list[Path]:
     """Write ``report.md``, ``report.html``, the plots and ``metrics.json`` into ``folder``."""
     folder = Path(folder)
     try:
@@ -278,7 +293,7 @@ def write_report(folder: str | Path, *, plan: Any, model: str, command: str,
     kept_tag = f"<img src='{KEPT_PLOT}' alt='kept per group'>" if plots else f"<p>{no_plots}</p>"
 
     md = [f"# {title}", "", intro, "", "## Before and after", "",
-          _md_table(summary_header, summary_rows(dense, pruned)), "",
+          _md_table(summary_header, summary_rows(dense, pruned, speedup)), "",
           cost_img, "", "## What was cut", "",
           _md_table(["kind", "atoms", "kept", "kept %"], kind_rows), "",
           kept_img, "", _md_table(groups_header, group_rows(plan)), "",
@@ -294,7 +309,8 @@ def write_report(folder: str | Path, *, plan: Any, model: str, command: str,
     h = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
          f"<style>{style}</style></head><body>",
          f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(intro)}</p>",
-         "<h2>Before and after</h2>", _html_table(summary_header, summary_rows(dense, pruned)),
+         "<h2>Before and after</h2>",
+         _html_table(summary_header, summary_rows(dense, pruned, speedup)),
          cost_tag, "<h2>What was cut</h2>",
          _html_table(["kind", "atoms", "kept", "kept %"], kind_rows),
          kept_tag,
@@ -305,7 +321,8 @@ def write_report(folder: str | Path, *, plan: Any, model: str, command: str,
          "</body></html>"]
     (folder / "report.html").write_text("\n".join(h))
     (folder / "metrics.json").write_text(json.dumps(
-        {"dense": asdict(dense), "pruned": asdict(pruned), "command": command,
+        {"dense": asdict(dense), "pruned": asdict(pruned),
+         "speedup": asdict(speedup) if speedup is not None else None, "command": command,
          "versions": vers, "settings": settings, "seconds": seconds}, indent=1))
     names = ("report.md", "report.html", "metrics.json") + ((KEPT_PLOT, COST_PLOT) if plots else ())
     return [folder / n for n in names]

@@ -9,11 +9,13 @@ ResNet-18 on Fashion-MNIST task (``surgery demo resnet18``) is the convolutional
 
 from __future__ import annotations
 
+import contextlib
+import math
 import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Iterator
 
 import torch
 import torch.nn.functional as F
@@ -68,19 +70,42 @@ def _fashion_trained(model: torch.nn.Module, name: str, train_images: int, epoch
     opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-4)
     model.train()
     start = time.perf_counter()
-    for epoch in range(epochs):
-        order = torch.randperm(len(x))
-        for i in range(0, len(x), 128):
-            idx = order[i:i + 128]
-            loss = F.cross_entropy(model(x[idx]), y[idx])
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        log(f"trained epoch {epoch + 1}/{epochs} on {len(x)} images "
-            f"({time.perf_counter() - start:.0f} s, last loss {loss.item():.3f})")
+    steps = epochs * math.ceil(len(x) / 128)
+    with training_bar(f"training {name} (once, then cached)", steps) as step:
+        for epoch in range(epochs):
+            order = torch.randperm(len(x))
+            for i in range(0, len(x), 128):
+                idx = order[i:i + 128]
+                loss = F.cross_entropy(model(x[idx]), y[idx])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                step()
+            log(f"trained epoch {epoch + 1}/{epochs} on {len(x)} images "
+                f"({time.perf_counter() - start:.0f} s, last loss {loss.item():.3f})")
     model.eval()
     _cache(model, path)
     return model
+
+
+@contextlib.contextmanager
+def training_bar(description: str, steps: int) -> Iterator[Callable[[], None]]:
+    """A progress bar over a training loop's steps (minutes on two cores, the first time):
+    ``step()`` after each optimiser step."""
+    from rich.progress import (
+        BarColumn,
+        MofNCompleteColumn,
+        Progress,
+        TextColumn,
+        TimeElapsedColumn,
+        TimeRemainingColumn,
+    )
+
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
+               TimeElapsedColumn(), TimeRemainingColumn())
+    with Progress(*columns) as bar:
+        task = bar.add_task(description, total=steps)
+        yield lambda: bar.advance(task)
 
 
 def _cache(model: torch.nn.Module, path: Path) -> None:
@@ -139,15 +164,19 @@ def minilm_rotten_tomatoes(epochs: int = 2, seed: int = 0, max_length: int = 64,
     generator = torch.Generator().manual_seed(seed)
     model.train()
     start = time.perf_counter()
-    for epoch in range(epochs):
-        order = torch.randperm(len(train["labels"]), generator=generator)
-        for i in range(0, len(order), 32):
-            idx = order[i:i + 32]
-            loss = model(**{k: v[idx] for k, v in train.items()}).loss
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        log(f"fine-tuned epoch {epoch + 1}/{epochs} ({time.perf_counter() - start:.0f} s)")
+    steps = epochs * math.ceil(len(train["labels"]) / 32)
+    with training_bar("fine-tuning all-MiniLM-L6-v2 on Rotten Tomatoes (once, then cached)",
+                      steps) as step:
+        for epoch in range(epochs):
+            order = torch.randperm(len(train["labels"]), generator=generator)
+            for i in range(0, len(order), 32):
+                idx = order[i:i + 32]
+                loss = model(**{k: v[idx] for k, v in train.items()}).loss
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+                step()
+            log(f"fine-tuned epoch {epoch + 1}/{epochs} ({time.perf_counter() - start:.0f} s)")
     model.eval()
     _cache(model, path)
     return task

@@ -106,7 +106,8 @@ def test_failed_prune_leaves_no_output_folder(tmp_path: Path) -> None:
                  "--out", str(out))
     assert res.exit_code == 1 and "calibration batch 1 does not run through the model" in res.output
     assert "Traceback" not in res.output
-    res = invoke("prune", *TINY, "--data", "helpers.cli_models:broken", "--out", str(out))
+    res = invoke("prune", *TINY, *DATA, "--eval-data", "helpers.cli_models:broken", "--out",
+                 str(out))
     assert res.exit_code == 1 and "evaluation batch 1 does not run through the model" in res.output
     assert not out.exists() and leftovers(tmp_path, "out") == []
 
@@ -199,6 +200,7 @@ def test_inspect_with_graph(tmp_path: Path) -> None:
 def test_inspect_torchvision_resnet18() -> None:
     res = invoke("inspect", "resnet18", "--input-size", "3,32,32")
     assert res.exit_code == 0, res.output
+    assert "resnet18 has random weights" in res.output and "--checkpoint" in res.output
     assert "resnet18: 12 prunable of 13 coupled groups" in res.output
     assert "layer1.0.conv1" in res.output and "params 11,689,512" in res.output
 
@@ -233,7 +235,7 @@ def test_inputs_the_model_cannot_take_are_one_clear_line(tmp_path: Path) -> None
 def test_eval_reproduces_the_prune_measurements(pruned: Path, tmp_path: Path) -> None:
     res = surgery("eval", str(pruned), *DATA, "--latency-batch", "2", "--json", "eval.json",
                   "--threads", "1", cwd=tmp_path)
-    assert "accuracy (64 samples)" in res.stdout
+    assert "accuracy (64 samples, ± standard error)" in res.stdout
     got = json.loads((tmp_path / "eval.json").read_text())
     metrics = json.loads((pruned / "metrics.json").read_text())
     for which in ("dense", "pruned"):
@@ -247,10 +249,14 @@ def test_bench_latency_per_batch_size(pruned: Path, tmp_path: Path) -> None:
                   "bench.json", "--threads", "1", cwd=tmp_path)
     assert "batch 3 (ms)" in res.stdout
     got = json.loads((tmp_path / "bench.json").read_text())
-    assert set(got) == {"dense", "pruned"}
+    assert set(got) == {"dense", "pruned", "speedup"}
     assert got["pruned"]["params"] < got["dense"]["params"]
     assert got["pruned"]["macs"] < got["dense"]["macs"]
-    assert set(got["pruned"]["latency_ms"]) == {"1", "3"}
+    assert set(got["pruned"]["latency_ms"]) == {"1", "3"} == set(got["speedup"])
+    timing = got["pruned"]["latency_ms"]["3"]
+    assert timing["rounds"] == 2 and timing["low_ms"] <= timing["median_ms"] <= timing["high_ms"]
+    speed = got["speedup"]["3"]
+    assert speed["ratio"] > 0 and ("faster" in res.stdout or "slower" in res.stdout)
     res = invoke("bench", str(pruned), "--batch-sizes", "0,x")
     assert res.exit_code == 1 and "--batch-sizes" in res.output
 
@@ -277,6 +283,28 @@ def test_eval_bench_export_refuse_other_folders(tmp_path: Path) -> None:
         res = invoke(*args)
         assert res.exit_code == 1 and "not a folder written by 'surgery prune'" in res.output
     assert not (tmp_path / "m.onnx").exists()
+
+
+def test_each_demo_writes_its_own_folder(monkeypatch) -> None:
+    """``surgery demo resnet18`` once wrote plan.json into the folder ``make demo`` filled with
+    the MiniLM model, which then no longer loaded: every demo has its own default folder, and
+    a folder the user names is only replaced with --overwrite."""
+    import surgery.cli.demo as demo
+
+    seen = []
+    monkeypatch.setattr(demo, "_demo_resnet18", lambda *a: seen.append(a[2:]))
+    assert invoke("demo", "resnet18").exit_code == 0
+    assert invoke("demo", "resnet18", "--out", "mine").exit_code == 0
+    assert invoke("demo", "resnet18", "--out", "mine", "--overwrite").exit_code == 0
+    assert seen == [(Path("surgery-demo-resnet18"), True), (Path("mine"), False),
+                    (Path("mine"), True)]
+
+
+def test_version() -> None:
+    import surgery as package
+
+    res = invoke("--version")
+    assert res.exit_code == 0 and res.output.strip() == f"surgery {package.__version__}"
 
 
 def test_demo_is_still_the_main_command() -> None:
@@ -388,6 +416,8 @@ def test_hugging_face_folder(tmp_path: Path, monkeypatch) -> None:
     res = invoke("inspect", str(folder), "--seq-len", "8")
     assert res.exit_code == 0, res.output
     assert "head" in res.output and "neuron" in res.output and "8 tokens" in res.output
+    assert "Loading weights" not in res.output  # transformers' own bars stay out of Rich's
+    assert "random weights" not in res.output  # a Hugging Face folder brings its own
     res = invoke("prune", str(folder), "--seq-len", "8", "--data", str(tmp_path / "t.csv"),
                  "--criterion", "magnitude", "--sparsity", "0.3", "--no-compensate",
                  "--latency-batch", "0", "--out", str(tmp_path / "out"))
