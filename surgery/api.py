@@ -139,9 +139,10 @@ def _decide(model: torch.nn.Module, example_inputs: Any, calib_data: Iterable[An
     ctx = ScoreContext(coupling, seed=opts.seed, data=calib_data)
     if opts.sparsity == 0:  # nothing to remove: no statistics, no scores, every atom kept
         kept = {g.id: np.arange(g.atoms) for g in coupling.prunable}
-        return _Decision(build_plan(coupling, kept, criterion=opts.criterion,
-                                    target=opts.target, budget=_budget(opts, cost, kept, None)),
-                         ctx, kept)
+        plan = build_plan(coupling, kept, criterion=opts.criterion, target=opts.target,
+                          budget=_budget(opts, cost, kept, None))
+        plan.extra["layer_macs"] = cost.layer_macs(cost.mask(kept))
+        return _Decision(plan, ctx, kept)
     if crit.needs_calibration or ((statistics or search) and calib_data is not None):
         needs_samples = getattr(getattr(crit, "estimate", None), "needs_samples", False)
         ctx.calibration = calibrate(
@@ -168,6 +169,7 @@ def _decide(model: torch.nn.Module, example_inputs: Any, calib_data: Iterable[An
         kept, scores = choose(weights)
     plan = build_plan(coupling, kept, criterion=opts.criterion, target=opts.target,
                       scores=scores, budget=_budget(opts, cost, kept, weights, history))
+    plan.extra["layer_macs"] = cost.layer_macs(cost.mask(kept))
     return _Decision(plan, ctx, kept)
 
 

@@ -8,6 +8,7 @@ of each channel axis it multiplies over.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import numpy as np
 
@@ -52,10 +53,10 @@ class CostModel:
         self.fixed_params = dense_params - tracked
         prop = coupling.propagation
         label_of = coupling.label_of
-        self.mac_terms = [
-            (macs, [label_of[f.ravel()] for f in prop.mac_factors[n]])
-            for n, macs in macs_per_node.items() if n in prop.mac_factors
-        ]
+        self.macs_per_node = macs_per_node
+        self.factors = {n: [label_of[f.ravel()] for f in prop.mac_factors[n]]
+                        for n in macs_per_node if n in prop.mac_factors}
+        self.mac_terms = [(macs_per_node[n], fs) for n, fs in self.factors.items()]
         self.fixed_macs = sum(macs_per_node.values()) - sum(m for m, _ in self.mac_terms)
         self.dense = self.cost(np.ones(self.n_labels, dtype=bool))
 
@@ -68,6 +69,20 @@ class CostModel:
         )
         return Cost(int(round(params)), int(round(macs)))
 
+    def layer_macs(self, keep: np.ndarray) -> dict[str, list[int]]:
+        """MACs per layer, ``{module name: [dense, kept]}``: an fx node belongs to the module
+        it calls, or to the innermost module whose forward ran it (functions on activations,
+        a model's own top-level ops under "(model)")."""
+        nodes = {n.name: n for n in self.coupling.capture.graph_module.graph.nodes}
+        out: dict[str, list[int]] = {}
+        for name, macs in self.macs_per_node.items():
+            fs = self.factors.get(name, [])
+            kept = macs * np.prod([keep[f].mean() for f in fs if len(f)]) if fs else macs
+            entry = out.setdefault(_layer_of(nodes[name]), [0, 0])
+            entry[0] += macs
+            entry[1] += int(round(kept))
+        return out
+
     def removed(self, keep: np.ndarray, kind: str) -> float:
         return 1.0 - self.cost(keep).of(kind) / max(1, self.dense.of(kind))
 
@@ -78,3 +93,10 @@ class CostModel:
                 drop = np.setdiff1d(np.arange(g.atoms), kept[g.id])
                 keep[g.labels[drop]] = False
         return keep
+
+
+def _layer_of(node: Any) -> str:
+    if node.op == "call_module":
+        return str(node.target)
+    stack = node.meta.get("nn_module_stack") or {}
+    return next(reversed(stack), "") or "(model)"

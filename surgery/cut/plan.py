@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import tempfile
 from dataclasses import asdict, dataclass, field
@@ -79,6 +80,64 @@ class PruningPlan:
     def kept_fraction(self) -> float:
         total = sum(g.atoms for g in self.groups)
         return sum(len(g.kept) for g in self.groups) / total if total else 1.0
+
+    def kinds(self) -> dict[str, tuple[int, int, int]]:
+        """Per group kind: (groups, atoms kept, atoms in all)."""
+        out: dict[str, list[int]] = {}
+        for g in self.groups:
+            entry = out.setdefault(g.kind, [0, 0, 0])
+            entry[0] += 1
+            entry[1] += len(g.kept)
+            entry[2] += g.atoms
+        return {k: (a, b, c) for k, (a, b, c) in out.items()}
+
+    def layer_params(self) -> dict[str, tuple[int, int]]:
+        """Per module (the owner of each parameter or buffer the plan slices or not): parameter
+        entries (dense, kept), exact, from the recorded shapes and kept positions."""
+        out: dict[str, list[int]] = {}
+        for name, shape in self.shapes.items():
+            if not name.endswith(("weight", "bias")):  # running statistics are not parameters
+                continue
+            dense = math.prod(shape)
+            kept = dense
+            for dim, positions in self.keep.get(name, {}).items():
+                kept = kept * len(positions) // shape[dim]
+            entry = out.setdefault(name.rpartition(".")[0] or "(model)", [0, 0])
+            entry[0] += dense
+            entry[1] += kept
+        return {k: (a, b) for k, (a, b) in out.items()}
+
+    def summary(self) -> str:
+        """What the plan cuts, as a plain-text table a person reads: per group kind (groups,
+        atoms kept/total) and per layer that changes (parameters and MACs, dense -> kept)."""
+        lines = [repr(self), "", f"{'kind':<10}{'groups':>8}{'kept / atoms':>18}"]
+        for kind, (groups, kept, atoms) in self.kinds().items():
+            lines.append(f"{kind:<10}{groups:>8}{f'{kept} / {atoms}':>18} ({kept / atoms:.0%})")
+        macs = self.extra.get("layer_macs", {})
+        params = self.layer_params()
+        changed = [m for m in dict.fromkeys([*params, *macs])
+                   if params.get(m, (0, 0))[0] != params.get(m, (0, 0))[1]
+                   or macs.get(m, (0, 0))[0] != macs.get(m, (0, 0))[1]]
+        width = max([len(m) for m in changed] + [5])
+        lines += ["", f"{'layer':<{width}}{'params':>24}{'MACs / sample':>28}"]
+        for m in changed:
+            p, c = params.get(m), macs.get(m)
+            lines.append(f"{m:<{width}}{_pair(p):>24}{_pair(c):>28}")
+        if not changed:
+            lines.append("(no layer changes)")
+        return "\n".join(lines)
+
+    def __repr__(self) -> str:
+        kept = sum(len(g.kept) for g in self.groups)
+        atoms = sum(g.atoms for g in self.groups)
+        b = self.budget
+        cost = "".join(f", {label} {_short(b[f'dense_{what}'])} -> "
+                       f"{_short(b[f'estimated_{what}'])}"
+                       for what, label in (("params", "params"), ("macs", "MACs"))
+                       if f"dense_{what}" in b)
+        return (f"PruningPlan({self.model_class.rpartition('.')[2] or 'model'}, "
+                f"criterion={self.criterion!r}, {len(self.groups)} groups, {kept}/{atoms} atoms "
+                f"kept ({self.kept_fraction():.0%}){cost})")
 
     # ---- JSON -------------------------------------------------------------------------------
     def to_dict(self) -> dict[str, Any]:
@@ -163,6 +222,20 @@ class PruningPlan:
             raise PlanError(f"{str(path)!r} is not a plan file ({type(exc).__name__}: {exc}); "
                             "give the path of a plan.json written by PruningPlan.save.") from exc
         return cls.from_json(text)
+
+
+def _pair(value: tuple[int, int] | list[int] | None) -> str:
+    if value is None:
+        return "-"
+    dense, kept = value
+    return f"{_short(dense)} -> {_short(kept)}" + (f" ({kept / dense:.0%})" if dense else "")
+
+
+def _short(n: float) -> str:
+    for unit, size in (("G", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.3g}{unit}"
+    return str(int(n))
 
 
 def _check_kept(coupling: Any, kept: dict[int, Any]) -> None:

@@ -100,6 +100,15 @@ def test_pruned_folder_reloads_the_measured_model(pruned: Path) -> None:
     assert dense_acc == pytest.approx(metrics["dense"]["accuracy"])
 
 
+def test_plan_show(pruned: Path) -> None:
+    res = invoke("plan", "show", str(pruned))
+    assert res.exit_code == 0, res.output
+    assert res.output.startswith("PruningPlan(") and "kept / atoms" in res.output
+    assert "conv1" in res.output and "MACs / sample" in res.output
+    assert invoke("plan", "show", str(pruned / "plan.json")).output == res.output
+    assert invoke("plan", "show", str(pruned.parent)).exit_code == 1
+
+
 def test_failed_prune_leaves_no_output_folder(tmp_path: Path) -> None:
     out = tmp_path / "out"
     res = invoke("prune", *TINY, "--data", "helpers.cli_models:broken", "--eval-samples", "0",

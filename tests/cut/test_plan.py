@@ -10,6 +10,7 @@ import pytest
 import torch
 import torchvision
 
+import surgery
 from helpers import zoo
 from helpers.models import MLP, SmallCNN
 from surgery.cut.apply import apply_plan
@@ -296,3 +297,26 @@ def test_submodule_modes_are_preserved():
     modes = {n: m.training for n, m in model.named_modules()}
     assert modes.pop("stem_bn") is False and all(modes.values())
     assert pruned.stem_bn.training is False and pruned.training
+
+
+def test_summary_and_repr_say_what_is_cut_in_a_few_lines() -> None:
+    model, x = zoo.make_model("tv_resnet18"), zoo.make_input("tv_resnet18")
+    plan = surgery.make_plan(model, x, sparsity=0.5, criterion="magnitude")
+    text = repr(plan)
+    assert len(text) < 200 and "criterion='magnitude'" in text and "MACs" in text
+    assert "12 groups" in text and "atoms kept" in text
+    summary = plan.summary()
+    kinds = plan.kinds()
+    assert set(kinds) == {"channel"} and kinds["channel"][0] == 12
+    params = plan.layer_params()
+    assert sum(d for d, _ in params.values()) == surgery.count_params(model)
+    conv = params["layer1.0.conv1"]
+    rows, cols = (len(plan.keep["layer1.0.conv1.weight"][d]) for d in (0, 1))
+    assert conv == (64 * 64 * 3 * 3, rows * cols * 3 * 3) and rows < 64 and cols < 64
+    assert "layer1.0.conv1" in summary and "channel" in summary and "fc" in summary
+    macs = plan.extra["layer_macs"]
+    assert sum(d for d, _ in macs.values()) == plan.budget["dense_macs"]
+    assert sum(k for _, k in macs.values()) == pytest.approx(plan.budget["estimated_macs"],
+                                                             rel=1e-3)
+    again = type(plan).from_json(plan.to_json())
+    assert again.summary() == summary
