@@ -10,6 +10,7 @@ statistics). ``make_plan`` is the first step alone. Every setting is a field of
 from __future__ import annotations
 
 import copy
+import fnmatch
 import itertools
 from dataclasses import dataclass
 from typing import Any, Callable, Iterable
@@ -17,6 +18,7 @@ from typing import Any, Callable, Iterable
 import numpy as np
 import torch
 
+from surgery._core.batches import rows
 from surgery._core.modes import evaluating
 from surgery.budget.allocate import global_kept, uniform_counts
 from surgery.budget.cost import CostModel
@@ -26,7 +28,7 @@ from surgery.cut.apply import apply_plan
 from surgery.cut.compensation import compensate as compensate_readers
 from surgery.cut.plan import PruningPlan, build_plan
 from surgery.cut.recovery import recalibrate_batchnorm, stale_batchnorms
-from surgery.errors import BudgetError, CalibrationError
+from surgery.errors import BudgetError, CalibrationError, OptionsError
 from surgery.graph.capture import trace
 from surgery.graph.groups import ChannelGroup, Coupling, find_groups
 from surgery.options import PruneOptions
@@ -98,7 +100,7 @@ def prune(model: torch.nn.Module, example_inputs: Any,
         plan.extra["recalibrated_batchnorms"] = recalibrate_batchnorm(
             pruned, calib_data, opts.max_batches, only=stale) if stale else 0
     plan.budget["params"] = count_params(pruned)
-    plan.budget["macs"] = count_macs(pruned, example_inputs)
+    plan.budget["macs"] = count_macs(pruned, example_inputs) // max(1, rows(example_inputs))
     return pruned, plan
 
 
@@ -127,7 +129,8 @@ def _decide(model: torch.nn.Module, example_inputs: Any, calib_data: Iterable[An
     crit = _criterion(opts, calib_data)
     coupling = _coupling(model, example_inputs, opts)
     cost = CostModel(coupling, node_macs(coupling.capture.graph_module,
-                                         coupling.capture.example_args), opts.budget_scope)
+                                         coupling.capture.example_args), opts.budget_scope,
+                     batch=max(1, rows(example_inputs)))
     kinds = sorted({g.kind for g in coupling.prunable})
     search = opts.kind_weights == "search" and len(kinds) > 1
     if search and calib_data is None:
@@ -197,16 +200,35 @@ def _criterion(opts: PruneOptions, calib_data: Iterable[Any] | None) -> Criterio
 
 
 def _coupling(model: torch.nn.Module, example_inputs: Any, opts: PruneOptions) -> Coupling:
-    """The model's coupling with the groups outside ``opts.kinds`` made unprunable."""
+    """The model's coupling with the groups outside ``opts.kinds`` and those touching an
+    ``opts.exclude``d module made unprunable (each with the reason)."""
     coupling = couple(model, example_inputs)
-    if opts.kinds is not None:
-        for g in coupling.groups:
-            if g.prunable and g.kind not in opts.kinds:
-                g.prunable, g.reason = False, f"kind {g.kind!r} not in kinds={sorted(opts.kinds)}"
+    present = {g.kind for g in coupling.groups}
+    if opts.kinds is not None and not opts.kinds & present:
+        raise OptionsError(f"kinds={sorted(opts.kinds)} names no kind of this model's groups; "
+                           f"it has {sorted(present)}.")
+    modules = [name for name, _ in model.named_modules() if name]
+    for pattern in opts.exclude:
+        if not any(fnmatch.fnmatchcase(name, pattern) for name in modules):
+            raise OptionsError(
+                f"exclude pattern {pattern!r} matches no module of {type(model).__name__}; "
+                f"module names look like {modules[:3]} (fnmatch patterns: '*' matches dots too)."
+            )
+    for g in coupling.groups:
+        if not g.prunable:
+            continue
+        if opts.kinds is not None and g.kind not in opts.kinds:
+            g.prunable, g.reason = False, f"kind {g.kind!r} not in kinds={sorted(opts.kinds)}"
+            continue
+        hit = next(((m, p) for m in g.modules for p in opts.exclude
+                    if fnmatch.fnmatchcase(m, p)), None)
+        if hit is not None:
+            g.prunable, g.reason = False, f"module {hit[0]} excluded by {hit[1]!r}"
     if not coupling.prunable and opts.sparsity > 0:
         raise BudgetError(
             f"no prunable channel group in {type(model).__name__}: every channel reaches an "
-            "input, an output or an unsupported op (see surgery.groups(...) reasons)."
+            "input, an output or an unsupported op, or was excluded (see surgery.groups(...) "
+            "reasons)."
         )
     return coupling
 

@@ -30,6 +30,9 @@ class PruneOptions:
       ``"bert.encoder"`` for "encoder parameters removed"); default: all parameters.
     - ``kinds``: only cut groups of these kinds (e.g. ``{"neuron", "head"}`` to keep a
       transformer's hidden size); default: every prunable group.
+    - ``exclude``: module-name patterns (``fnmatch``: ``"layer4.*"``, ``"*.attention.*"``)
+      whose weights must stay as they are: every group touching a matching module is left
+      whole. A pattern that matches no module is refused (a typo would silently do nothing).
     - ``kind_weights``: per-kind removal rates relative to one shared rate, e.g.
       ``{"neuron": 1, "head": 0.5, "hidden": 0.25}`` cuts FFN neurons twice as fast as heads;
       ``"search"`` refines the default by trying candidates on calibration batches (about ten
@@ -61,6 +64,7 @@ class PruneOptions:
     budget: str = "macs"
     budget_scope: tuple[str, ...] = ()
     kinds: frozenset[str] | None = None
+    exclude: tuple[str, ...] = ()
     kind_weights: Mapping[str, float] | str | None = None
     criterion: str = "mi"
     target: str = "output"
@@ -80,6 +84,10 @@ class PruneOptions:
             set_(self, "budget_scope", (self.budget_scope,) if self.budget_scope else ())
         else:
             set_(self, "budget_scope", tuple(self.budget_scope))
+        if isinstance(self.exclude, str):
+            set_(self, "exclude", (self.exclude,))
+        else:
+            set_(self, "exclude", tuple(self.exclude))
         if self.kinds is not None:
             set_(self, "kinds", frozenset([self.kinds] if isinstance(self.kinds, str)
                                           else self.kinds))

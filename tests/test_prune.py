@@ -10,7 +10,7 @@ import torchvision
 
 import surgery
 from helpers import zoo
-from surgery.errors import BudgetError, CalibrationError
+from surgery.errors import BudgetError, CalibrationError, OptionsError
 
 
 @pytest.fixture
@@ -191,3 +191,39 @@ def test_round_to_counts_channels_not_atoms() -> None:
     for g in plan.groups:
         if g.kind in ("neuron", "hidden"):
             assert len(g.kept) % 16 == 0 or len(g.kept) == g.atoms, (g.name, len(g.kept))
+
+
+def test_plan_budget_macs_are_per_sample(cnn_and_input) -> None:
+    """The plan's MAC figures are per sample, as ``count_macs`` on one sample and the CLI's
+    reports give them, whatever the example batch size."""
+    model, x = cnn_and_input
+    one = surgery.count_macs(model, x[:1])
+    for batch in (x[:1], torch.cat([x, x])):
+        pruned, plan = surgery.prune(model, batch, sparsity=0.5, criterion="magnitude")
+        assert plan.budget["dense_macs"] == one
+        assert plan.budget["macs"] == surgery.count_macs(pruned, x[:1])
+        assert abs(plan.budget["estimated_macs"] - plan.budget["macs"]) <= 0.02 * one
+
+
+def test_excluded_modules_keep_their_weights() -> None:
+    model, x = zoo.make_model("tv_resnet18"), zoo.make_input("tv_resnet18")
+    calib = [torch.randn(4, *x.shape[1:], generator=torch.Generator().manual_seed(s))
+             for s in range(2)]
+    pruned, plan = surgery.prune(model, x, calib, sparsity=0.3, exclude=["layer4.*", "fc"])
+    dense = dict(model.named_parameters())
+    for name, p in pruned.named_parameters():
+        if name.startswith(("layer4.", "fc.")):
+            assert torch.equal(p, dense[name]), name  # neither cut nor refitted
+    assert surgery.count_params(pruned) < surgery.count_params(model)
+    groups = surgery.groups(model, x)
+    excluded = [g for g in plan.groups if any(m.startswith("layer4.") for m in
+                                              groups[g.id].modules)]
+    assert not excluded, "a group touching layer4 was still offered to the criterion"
+
+
+def test_exclude_and_kinds_that_match_nothing_are_refused(cnn_and_input) -> None:
+    model, x = cnn_and_input
+    with pytest.raises(OptionsError, match=r"exclude pattern 'stemm' matches no module"):
+        surgery.make_plan(model, x, sparsity=0.3, criterion="magnitude", exclude="stemm")
+    with pytest.raises(OptionsError, match=r"kinds=\['head'\] names no kind .* \['channel'\]"):
+        surgery.make_plan(model, x, sparsity=0.3, criterion="magnitude", kinds={"head"})

@@ -31,9 +31,11 @@ class CostModel:
     """Prices a keep mask over atom labels; see the module docstring."""
 
     def __init__(self, coupling: Coupling, macs_per_node: dict[str, int],
-                 scope: tuple[str, ...] = ()) -> None:
+                 scope: tuple[str, ...] = (), batch: int = 1) -> None:
         """``scope``: parameter-name prefixes the params budget counts (e.g. the encoder's);
-        empty counts every parameter."""
+        empty counts every parameter. ``macs_per_node`` were counted on a batch of ``batch``
+        samples; MACs are kept per sample (what ``count_macs`` on one sample and the CLI say)."""
+        macs_per_node = {n: m // batch for n, m in macs_per_node.items()}
         self.coupling = coupling
         self.n_labels = int(coupling.label_of.max()) + 1 if len(coupling.label_of) else 0
         records = coupling.record_labels()

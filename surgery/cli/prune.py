@@ -70,6 +70,12 @@ def prune(
     budget_scope: Annotated[Optional[str], typer.Option(
         help="Parameter-name prefixes (comma-separated) the params budget counts, e.g. "
              "bert.encoder (default: all parameters).")] = None,
+    kinds: Annotated[Optional[str], typer.Option(
+        help="Only cut groups of these kinds, comma-separated (channel, head, neuron, hidden; "
+             "'surgery inspect' shows each group's kind; default: every kind).")] = None,
+    exclude: Annotated[Optional[list[str]], typer.Option(
+        help="Module-name pattern whose weights stay as they are (fnmatch, e.g. 'layer4.*' "
+             "or '*.attention.*'); repeat for several.")] = None,
     kind_weights: Annotated[Optional[str], typer.Option(
         help="Per-kind cut rates, e.g. neuron=1,head=0.5,hidden=0.25; 'uniform' (every kind "
              "alike); or 'search' to choose them on the calibration data (default: the "
@@ -121,6 +127,8 @@ def prune(
     options = PruneOptions(
         sparsity=sparsity, budget=budget, criterion=criterion, target=target,
         allocation=allocation, budget_scope=tuple(budget_scope.split(",")) if budget_scope else (),
+        kinds=frozenset(k.strip() for k in kinds.split(",")) if kinds else None,
+        exclude=tuple(exclude or ()),
         kind_weights=parse_kind_weights(kind_weights), estimator=estimator, round_to=round_to,
         min_keep=min_keep, seed=seed, recalibrate=recalibrate, compensate=compensate)
     if data is None and get_criterion(criterion).needs_calibration:
@@ -146,6 +154,7 @@ def prune(
         "inputs": describe_inputs(loaded.inputs), "sparsity": sparsity, "budget": budget,
         "criterion": criterion, "target": target, "allocation": allocation,
         "budget scope": budget_scope or "all parameters",
+        "kinds": kinds or "every kind", "excluded": list(exclude or []) or "nothing",
         "kind weights": plan.budget.get("kind_weights") or "all kinds alike",
         "estimator": estimator, "round_to": round_to, "min_keep": min_keep,
         "calibration data": data or "none", "calibration samples": calib.samples if calib else 0,

@@ -453,3 +453,16 @@ def test_hugging_face_folder(tmp_path: Path, monkeypatch) -> None:
     res = invoke("inspect", str(folder))
     assert res.exit_code == 1
     assert "Hugging Face support arrives with the BERT/ViT plugins" in res.output
+
+
+def test_exclude_and_kinds_on_the_command_line(tmp_path: Path) -> None:
+    out = tmp_path / "p"
+    res = invoke("prune", *TINY, *DATA, "--exclude", "down", "--exclude", "fc",
+                 "--kinds", "channel", "--sparsity", "0.2", "--latency-batch", "0",
+                 "--eval-samples", "0", "--out", str(out))
+    assert res.exit_code == 0, res.output
+    plan = json.loads((out / "plan.json").read_text())
+    assert not any(name.startswith(("down.", "fc.")) for name in plan["keep"])
+    assert "excluded" in (out / "report.md").read_text()
+    res = invoke("prune", *TINY, *DATA, "--exclude", "dwn", "--out", str(tmp_path / "q"))
+    assert res.exit_code == 1 and "exclude pattern 'dwn' matches no module" in res.output

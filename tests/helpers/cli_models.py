@@ -1,7 +1,7 @@
-"""Tiny models and data for the command-line tests, named as ``cli_models:NAME`` specs.
+"""Tiny models and data for the command-line tests, named as ``helpers.cli_models:NAME`` specs.
 
-The tests put this folder on PYTHONPATH, so ``surgery prune cli_models:tiny_resnet --data
-cli_models:batches`` resolves here exactly as a user's ``my_pkg.models:factory`` would.
+The tests put tests/ on PYTHONPATH, so ``surgery prune helpers.cli_models:tiny_resnet --data
+helpers.cli_models:batches`` resolves here exactly as a user's ``my_pkg.models:factory`` would.
 """
 
 from __future__ import annotations

@@ -5,10 +5,14 @@ from __future__ import annotations
 
 import json
 import os
+import stat
+from pathlib import Path
 
 import pytest
 import torch
+import torchvision
 
+import surgery
 from helpers.transformer_zoo import TIMM_KWARGS, inputs, logits, make
 from surgery import io
 from surgery.cut.apply import apply_plan
@@ -197,3 +201,19 @@ def test_errors_are_surgery_errors():
     assert issubclass(StorageError, SurgeryError)
     with pytest.raises(SurgeryError, match="not a folder"):
         io.load("/nonexistent/surgery/folder")
+
+
+def test_saved_files_get_the_permissions_the_umask_gives(tmp_path: Path) -> None:
+    """io.save and 'surgery prune' write through one atomic writer, so a folder and its files
+    get what a plain mkdir/open would give them (a temporary folder is 0700 otherwise)."""
+    dense = torchvision.models.resnet18(num_classes=10).eval()
+    x = torch.randn(1, 3, 32, 32)
+    pruned, plan = surgery.prune(dense, x, sparsity=0.3, criterion="magnitude")
+    old = os.umask(0o027)
+    try:
+        folder = io.save(pruned, tmp_path / "m", plan, io.Architecture.torchvision(
+            "resnet18", num_classes=10))
+    finally:
+        os.umask(old)
+    assert stat.S_IMODE(folder.stat().st_mode) == 0o750
+    assert {stat.S_IMODE(f.stat().st_mode) for f in folder.iterdir()} == {0o640}
