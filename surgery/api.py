@@ -173,6 +173,9 @@ def _decide(model: torch.nn.Module, example_inputs: Any, calib_data: Iterable[An
     plan = build_plan(coupling, kept, criterion=opts.criterion, target=opts.target,
                       scores=scores, budget=_budget(opts, cost, kept, weights, history))
     plan.extra["layer_macs"] = cost.layer_macs(cost.mask(kept))
+    if ctx.fallbacks:
+        plan.extra["fallbacks"] = {coupling.groups[g].name: why
+                                   for g, why in sorted(ctx.fallbacks.items())}
     return _Decision(plan, ctx, kept)
 
 

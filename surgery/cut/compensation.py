@@ -22,20 +22,26 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from surgery.graph.groups import Coupling
+from surgery.graph.groups import Coupling, Relation
 from surgery.stats.calibration import Calibration
 
 
-def weighted_reader(gm: fx.GraphModule, op: str) -> tuple[str | None, torch.nn.Module | None]:
-    """The conv/linear module behind relation reader ``op`` (None for functional readers)."""
-    node = next(n for n in gm.graph.nodes if n.name == op)
-    if node.op != "call_module":
-        return None, None
-    module = gm.get_submodule(node.target)
+def weighted_reader(gm: fx.GraphModule, rel: Relation
+                    ) -> tuple[str | None, torch.nn.Module | None]:
+    """The conv/linear module that reads a relation's group: its ``reader`` inside a leaf, or
+    the module its layer node calls (None, None for functional readers)."""
+    if rel.reader is not None:
+        name = rel.reader
+    else:
+        node = next(n for n in gm.graph.nodes if n.name == rel.layer)
+        if node.op != "call_module":
+            return None, None
+        name = node.target
+    module = gm.get_submodule(name)
     if isinstance(module, torch.nn.Linear):
-        return node.target, module
+        return name, module
     if isinstance(module, torch.nn.modules.conv._ConvNd) and module.groups == 1:
-        return node.target, module
+        return name, module
     return None, None
 
 
@@ -54,7 +60,7 @@ def compensate(model: torch.nn.Module, coupling: Coupling, calibration: Calibrat
         feats = calibration.x_features[i]
         if feats.average_atoms:
             continue
-        name, _ = weighted_reader(gm, rel.layer)
+        name, _ = weighted_reader(gm, rel)
         if name is None:
             continue
         module = model.get_submodule(name)

@@ -63,6 +63,14 @@ class Probe:
     node: str
     axis: int
     atom_of_position: np.ndarray
+    module: str | None = None
+    """Observe the input of this submodule (inside the leaf ``node``) instead of ``node``'s
+    output: the per-head input of an attention module's own output projection."""
+
+    @property
+    def key(self) -> tuple[str, int, str | None]:
+        """What calibration stores the pooled tensor under."""
+        return self.node, self.axis, self.module
 
 
 @dataclass
@@ -77,6 +85,9 @@ class Relation:
     target_probe: Probe | None = None
     """The layer's own output, positions mapped to ``target``'s atoms: what scoring compares
     the group with ("the neurons of the layer above"), aligned sample by sample."""
+    reader: str | None = None
+    """The module with the weights that read the group, when it is not ``layer``'s own module
+    (a projection inside a leaf): what compensation refits."""
 
 
 @dataclass
@@ -210,13 +221,13 @@ def _groups(prop: Propagation, label_of: np.ndarray, anchored: np.ndarray,
 
 
 def _probe(node: str, axis: int, labels: np.ndarray, gid: int,
-           group_of_label: dict[int, tuple[int, int]]) -> Probe:
+           group_of_label: dict[int, tuple[int, int]], module: str | None = None) -> Probe:
     atom = np.array(
         [group_of_label[lab][1] if group_of_label.get(lab, (-2,))[0] == gid else -1
          for lab in labels.tolist()],
         dtype=np.int64,
     )
-    return Probe(node, axis, atom)
+    return Probe(node, axis, atom, module)
 
 
 def _relations(
@@ -238,8 +249,8 @@ def _relations(
         target_probe = (_probe(c.op, out_axis, out_labels, target, group_of_label)
                         if target != OUTPUT and out_axis is not None else None)
         for gid in gids:
-            probe = _probe(c.source, c.track.axes[0], labels, gid, group_of_label)
-            relations.append(Relation(gid, c.op, probe, target, target_probe))
+            probe = _probe(c.source, c.track.axes[0], labels, gid, group_of_label, c.module)
+            relations.append(Relation(gid, c.op, probe, target, target_probe, c.module))
             rank = order[c.source]
             if gid not in probes or probes[gid][0] < rank:
                 probes[gid] = (rank, probe)

@@ -41,11 +41,16 @@ Tracks = list[Track]
 
 @dataclass
 class Consume:
-    """A layer with weights reads channels of ``source`` (an fx node) on ``track``'s axes."""
+    """A layer with weights reads channels of ``source`` (an fx node) on ``track``'s axes.
+
+    ``module`` names the reader when it sits inside a leaf module (the output projection of an
+    attention module kept whole): the channels are then observed at that submodule's *input*
+    (a forward pre-hook), which no fx node shows, and ``source`` is the leaf's own node."""
 
     op: str
     source: str
     track: Track
+    module: str | None = None
 
 
 @dataclass

@@ -28,6 +28,9 @@ class ScoreContext:
     """The calibration batches themselves, for criteria that run the model (Taylor)."""
     cache: dict[str, Any] = field(default_factory=dict)
     """What a criterion computes once for all groups (Taylor's weight x gradient sums)."""
+    fallbacks: dict[int, str] = field(default_factory=dict)
+    """Groups a criterion could not score as asked, with what it did instead: reported in the
+    plan (``plan.extra["fallbacks"]``) and the report, never silent."""
 
 
 CRITERIA: dict[str, Callable[..., "Criterion"]] = {}
@@ -117,7 +120,7 @@ class ActivationWeight(Criterion):
         for i, rel in enumerate(ctx.coupling.relations):
             if rel.group != group.id or i not in cal.sums or cal.x_features[i].average_atoms:
                 continue
-            _, module = weighted_reader(gm, rel.layer)
+            _, module = weighted_reader(gm, rel)
             if module is None:
                 continue
             sums, feats = cal.sums[i], cal.x_features[i]
@@ -128,7 +131,11 @@ class ActivationWeight(Criterion):
             norms = w.reshape(len(cols), -1).norm(dim=1).to(rms.device)
             np.add.at(total, feats.position_atoms, (rms * norms).cpu().numpy())
             seen = True
-        return total if seen else Magnitude().score(group, ctx)
+        if seen:
+            return total
+        ctx.fallbacks[group.id] = ("act_weight -> magnitude: no layer with weights is seen "
+                                   "reading this group")
+        return Magnitude().score(group, ctx)
 
 
 @register("taylor")

@@ -52,14 +52,15 @@ class MutualInformation(Criterion):
         """Greedy forward selection of the atoms whose *joint* MI with the targets is largest
         (Gaussian: relevance minus redundancy); atoms of several columns (heads) by blocks,
         up to ``BLOCK_COLUMNS`` columns per layer; independent top-k beyond. A group no layer
-        with weights is seen reading (its reader sits inside a leaf module) has no
-        statistics: it falls back to magnitude."""
+        with weights is seen reading has no statistics: it falls back to magnitude (readers
+        inside a leaf module are seen through module-input probes)."""
         return self.select_many([group], ctx, [k])[0]
 
     def select_many(self, groups: list[ChannelGroup], ctx: ScoreContext, ks: list[int]
                     ) -> list[tuple[np.ndarray, np.ndarray]]:
         """The joint selections of all ``groups`` are solved side by side (one pass of small
-        steps for all of them); see :meth:`select`."""
+        steps for all of them); see :meth:`select`. A group scored otherwise is recorded in
+        ``ctx.fallbacks``."""
         from surgery.scoring.selection import (
             BLOCK_COLUMNS,
             greedy_gaussian_blocks,
@@ -74,12 +75,18 @@ class MutualInformation(Criterion):
                          for _, a, _ in relations)
             gaussian = self.joint and self.estimator == "gaussian"
             if not relations:
+                ctx.fallbacks[group.id] = (f"{self.name} -> magnitude: no layer with weights is "
+                                           "seen reading this group")
                 out[i] = Magnitude().select(group, ctx, k)
             elif gaussian and single:
                 joint.append((i, [(s, t) for s, _, t in relations], k))
             elif gaussian and all(len(a) <= BLOCK_COLUMNS for _, a, _ in relations):
                 out[i] = greedy_gaussian_blocks(relations, k, group.atoms)
             else:
+                if gaussian:
+                    ctx.fallbacks[group.id] = (
+                        f"mi -> independent top-k MI: a layer reads more than {BLOCK_COLUMNS} of "
+                        "its columns, too wide for joint selection by blocks")
                 out[i] = super().select(group, ctx, k)
         solved = greedy_gaussian_many([(rels, k) for _, rels, k in joint])
         out.update({i: result for (i, _, _), result in zip(joint, solved)})

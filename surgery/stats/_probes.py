@@ -8,9 +8,10 @@ example and, when both have the same pooled spatial or token layout, position by
 
 from __future__ import annotations
 
+import contextlib
 import operator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 import torch
@@ -111,7 +112,8 @@ def linear_target(gm: fx.GraphModule, nodes: dict[str, fx.Node], rel: Any, xf: F
     probed input: an ``nn.Linear`` or 1x1 convolution (stride 1, no padding: its output keeps
     the input's positions, so pooling both alike commutes with it) that the probe sees whole
     (every input feature) and whose own output is the target probe; else None."""
-    if rel.target_probe is None or rel.target_probe.node != rel.layer:
+    if (rel.target_probe is None or rel.target_probe.node != rel.layer
+            or rel.probe.module is not None):
         return None
     node = nodes.get(rel.layer)
     if node is None or node.op != "call_module" or not node.args:
@@ -141,10 +143,17 @@ def linear_target(gm: fx.GraphModule, nodes: dict[str, fx.Node], rel: Any, xf: F
     return module.weight.detach().index_select(0, rows), bias
 
 
-def instrument(gm: fx.GraphModule, needed: dict[tuple[str, int], None], grid: int
-                ) -> tuple[fx.GraphModule, dict[str, torch.Tensor]]:
+Key = tuple[str, int, "str | None"]
+"""(fx node, axis, submodule whose input is observed or None): see ``Probe.key``."""
+
+
+@contextlib.contextmanager
+def instrument(gm: fx.GraphModule, needed: dict[Key, None], grid: int
+               ) -> Iterator[tuple[fx.GraphModule, dict[Key, torch.Tensor]]]:
     """A copy of ``gm``'s graph (sharing its modules and weights) with a probe after each
-    needed node; the probes' forward hooks write pooled activations into ``store``."""
+    needed node, and forward pre-hooks on the needed submodules inside leaves; the hooks
+    write pooled activations into ``store``. The pre-hooks sit on the model's own modules, so
+    they are removed when the block ends."""
     graph = fx.Graph()
     env: dict[fx.Node, fx.Node] = {}
     # GraphModule looks each get_attr/call_module target up in a dict root: the traced
@@ -153,21 +162,34 @@ def instrument(gm: fx.GraphModule, needed: dict[tuple[str, int], None], grid: in
     for node in gm.graph.nodes:
         if node.op in ("get_attr", "call_module"):
             root[node.target] = operator.attrgetter(node.target)(gm)
-    store: dict[tuple[str, int], torch.Tensor] = {}
+    store: dict[Key, torch.Tensor] = {}
     probes: list[str] = []
     for node in gm.graph.nodes:
         new = graph.node_copy(node, lambda n: env[n])
         env[node] = new
-        for axis in [a for (n, a) in needed if n == node.name]:
+        for axis in [a for (n, a, m) in needed if n == node.name and m is None]:
             probe_name = f"_surgery_probe_{len(probes)}"
             probes.append(probe_name)
             probe = ProbeModule()
 
             def hook(mod: torch.nn.Module, inp: tuple, out: torch.Tensor, _n=node.name,
                      _a=axis) -> None:
-                store[_n, _a] = pool(out, _a, grid)
+                store[_n, _a, None] = pool(out, _a, grid)
 
             probe.register_forward_hook(hook)
             root[probe_name] = probe
             graph.call_module(probe_name, (new,))
-    return fx.GraphModule(root, graph), store
+    handles = []
+    for node, axis, module in needed:
+        if module is None:
+            continue
+
+        def pre_hook(mod: torch.nn.Module, inp: tuple, _k=(node, axis, module)) -> None:
+            store[_k] = pool(inp[0], _k[1], grid)
+
+        handles.append(gm.get_submodule(module).register_forward_pre_hook(pre_hook))
+    try:
+        yield fx.GraphModule(root, graph), store
+    finally:
+        for handle in handles:
+            handle.remove()

@@ -96,10 +96,10 @@ def calibrate(
                                "use estimator='gaussian' for distributed calibration.")
     result, linear, needed = _layout(coupling)
     gm = coupling.capture.graph_module
-    instrumented, store = instrument(gm, needed, grid)
     device = next((p.device for p in gm.parameters()), torch.device("cpu"))
-    fold = _Fold(result, linear, store, target, samples, seed, device)
-    with evaluating(instrumented), torch.no_grad():
+    with instrument(gm, needed, grid) as (instrumented, store), evaluating(instrumented), \
+            torch.no_grad():
+        fold = _Fold(result, linear, store, target, samples, seed, device)
         for b, batch in enumerate(calib_data):
             if max_batches is not None and b >= max_batches:
                 break
@@ -140,11 +140,11 @@ def _layout(coupling: Coupling) -> tuple[Calibration, dict[int, tuple[torch.Tens
     linear function of their input (weight rows, bias), and the (node, axis) pairs to probe."""
     gm = coupling.capture.graph_module
     result = Calibration(coupling)
-    needed: dict[tuple[str, int], None] = {}
+    needed: dict[tuple[str, int, str | None], None] = {}
     linear: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
     nodes = {n.name: n for n in gm.graph.nodes}
     for i, rel in enumerate(coupling.relations):
-        needed[rel.probe.node, rel.probe.axis] = None
+        needed[rel.probe.key] = None
         result.x_features[i] = features_of(rel.probe)
         if rel.target != OUTPUT:
             tprobe = rel.target_probe or coupling.probes[rel.target]
@@ -153,7 +153,7 @@ def _layout(coupling: Coupling) -> tuple[Calibration, dict[int, tuple[torch.Tens
             if lin is not None:  # the target's sums follow from the input's at the end
                 linear[i] = lin
             else:
-                needed[tprobe.node, tprobe.axis] = None
+                needed[tprobe.key] = None
     return result, linear, needed
 
 
@@ -181,9 +181,17 @@ class _Fold:
         cache: dict[tuple, torch.Tensor] = {}  # probes read by several relations
 
         def read(probe: Probe, feats: Features) -> torch.Tensor:
-            key = (probe.node, probe.axis, feats.positions.tobytes(), feats.average_atoms)
+            key = (probe.key, feats.positions.tobytes(), feats.average_atoms)
             if key not in cache:
-                cache[key] = columns(self.store[probe.node, probe.axis], feats)
+                pooled = self.store[probe.key]
+                if pooled.shape[-1] != len(probe.atom_of_position):
+                    where = probe.module or probe.node
+                    raise CalibrationError(
+                        f"the input of {where} has {pooled.shape[-1]} channels on axis "
+                        f"{probe.axis} where the channel rule placed "
+                        f"{len(probe.atom_of_position)}: the rule describing it (a plugin's "
+                        "HeadLayout?) does not match the module.")
+                cache[key] = columns(pooled, feats)
             return cache[key]
 
         for i, rel in enumerate(relations):

@@ -175,6 +175,9 @@ def attention_rule(layout: HeadLayout) -> Callable[[Propagation, fx.Node, nn.Mod
             if arg is not x:
                 _freeze_other_tracks(prop, arg, None, f"extra input of attention {prefix}", heads)
         prop.consumes.append(Consume(node.name, x.name, Track((nd - 1,), in_ids)))
+        if layout.out:  # the heads are read inside: observe the output projection's input
+            prop.consumes.append(Consume(node.name, node.name, Track((nd - 1,), cols),
+                                         module=f"{prefix}.{layout.out}"))
         prop.produces[node.name] = out_ids
         prop.mac_factors[node.name] = [in_ids, value_rows]
         prop.internal.append(heads)
