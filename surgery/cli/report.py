@@ -20,6 +20,7 @@ from surgery.counting import Measurement
 
 KIND_COLORS = {"channel": "#1f77b4", "head": "#ff7f0e", "neuron": "#2ca02c", "hidden": "#d62728"}
 OTHER_COLOR = "#7f7f7f"
+BETTER_COLOR, WORSE_COLOR = "#1f77b4", "#d62728"  # pruned below / above the dense
 KEPT_PLOT, COST_PLOT = "kept_per_group.png", "params_macs.png"
 
 
@@ -103,27 +104,57 @@ def plot_kept(plan: Any, path: str | Path) -> Path:
 
 
 def plot_cost(dense: Measurement, pruned: Measurement, path: str | Path) -> Path:
-    """Params, MACs (and latency when measured) of the pruned model relative to the dense."""
+    """Params, MACs (and latency when measured) of the pruned model relative to the dense.
+
+    The axis fits every bar, each labelled with its ratio and what it means (smaller, fewer,
+    faster; a ratio above 1 is drawn red and labelled bigger, more, slower)."""
     plt = _pyplot()
     labels = ["params", "MACs"]
     ratios = [pruned.params / dense.params if dense.params else 1.0,
               pruned.macs / dense.macs if dense.macs else 1.0]
     if dense.latency_ms and pruned.latency_ms:
-        labels.append(f"latency (batch {pruned.latency_batch})")
+        labels.append(f"latency\n(batch {pruned.latency_batch})")
         ratios.append(pruned.latency_ms / dense.latency_ms)
-    fig, ax = plt.subplots(figsize=(6, 3))
-    ax.bar(labels, [1.0] * len(labels), color="#cccccc", label="dense")
-    ax.bar(labels, ratios, width=0.5, color="#1f77b4", label="pruned")
-    for i, r in enumerate(ratios):
-        ax.text(i, r + 0.02, f"{r:.2f}x", ha="center", fontsize=9)
-    ax.set_ylabel("relative to dense")
-    ax.set_ylim(0, 1.2)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
+    worse = [r > 1 + _SAME for r in ratios]
+    fig, ax = plt.subplots(figsize=(6.4, 3.4), layout="constrained")
+    x = list(range(len(labels)))
+    ax.bar(x, [1.0] * len(x), color="#cccccc")
+    ax.bar(x, ratios, width=0.5, color=[WORSE_COLOR if w else BETTER_COLOR for w in worse])
+    ax.axhline(1.0, color="#888888", lw=0.8, ls="--")
+    for i, (what, r) in enumerate(zip(labels, ratios)):
+        ax.annotate(f"{r:.2f}x\n({_meaning(what, r)})", (i, r), xytext=(0, 3),
+                    textcoords="offset points", ha="center", va="bottom", fontsize=8.5)
+    ax.set_xticks(x, labels)
+    ax.set_xlim(-0.6, len(x) - 0.4)
+    ax.set_ylim(0, max(1.0, *ratios) * 1.32)  # room for the two-line label of the top bar
+    ax.set_ylabel("pruned / dense")
+    ax.set_title("the pruned model relative to the dense", fontsize=10)
+    from matplotlib.patches import Patch
+
+    handles = [Patch(color="#cccccc", label="dense (= 1)"),
+               Patch(color=BETTER_COLOR, label="pruned: smaller,\nfewer, faster")]
+    if any(worse):
+        handles.append(Patch(color=WORSE_COLOR, label="pruned: bigger,\nmore, slower"))
+    ax.legend(handles=handles, loc="upper left", bbox_to_anchor=(1.01, 1.0), fontsize=8,
+              frameon=False)
     path = Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+_SAME = 0.005  # ratios within half a percent of 1 read "same"
+
+
+def _meaning(what: str, ratio: float) -> str:
+    """What a pruned/dense ratio means for ``what`` (params, MACs, latency ...)."""
+    if abs(ratio - 1) <= _SAME:
+        return "same"
+    if what.startswith("latency"):
+        return f"{1 / ratio:.2f}x faster" if ratio < 1 else f"{ratio:.2f}x slower"
+    if what == "MACs":
+        return "fewer" if ratio < 1 else "more"
+    return "smaller" if ratio < 1 else "bigger"
 
 
 def draw_groups(coupling: Any, path: str | Path) -> Path:

@@ -1,0 +1,107 @@
+"""The pictures of the report (``kept_per_group.png``, ``params_macs.png``), the HTML page, and
+the group drawing of ``surgery inspect --graph``: every bar and value inside the picture, names
+readable, no matplotlib warnings, and a many-group drawing that fits one screen."""
+
+from __future__ import annotations
+
+import struct
+from pathlib import Path
+
+import pytest
+
+pytest.importorskip("matplotlib")
+
+from matplotlib.figure import Figure  # noqa: E402
+
+from surgery.cli.report import (  # noqa: E402
+    plot_cost,
+)
+from surgery.counting import Measurement  # noqa: E402
+from surgery.cut.plan import GroupDecision, PruningPlan  # noqa: E402
+
+SCREEN = (1600, 1000)
+LONG_NAMES = [
+    "bert.encoder.layer.0.attention.output.dense (+11)",
+    "bert.encoder.layer.0.attention.self.query (+5)",
+    "bert.encoder.layer.0.intermediate.dense",
+    "model.backbone.stages.3.blocks.11.token_mixer.attention_projection_out (+7)",
+    "head." * 40 + "fc",  # 200 characters: made tight_layout give up before
+    "stem",
+]
+
+
+def png_size(path: Path) -> tuple[int, int]:
+    data = path.read_bytes()
+    assert data[:8] == b"\x89PNG\r\n\x1a\n"
+    return struct.unpack(">II", data[16:24])
+
+
+@pytest.fixture
+def figures(monkeypatch) -> list[Figure]:
+    """Every figure saved while the test runs (kept open to measure what was drawn)."""
+    saved: list[Figure] = []
+    original = Figure.savefig
+
+    def savefig(self, *args, **kwargs):
+        saved.append(self)
+        return original(self, *args, **kwargs)
+
+    monkeypatch.setattr(Figure, "savefig", savefig)
+    return saved
+
+
+def render(fig: Figure):
+    """Draw a saved (and closed) figure again on an Agg canvas; its renderer."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    canvas = FigureCanvasAgg(fig)
+    canvas.draw()
+    return canvas.get_renderer()
+
+
+def extents(fig: Figure, texts) -> list:
+    renderer = render(fig)
+    return [t.get_window_extent(renderer) for t in texts if t.get_visible() and t.get_text()]
+
+
+def inside(box, outer, slack: float = 1.0) -> bool:
+    return (box.x0 >= outer.x0 - slack and box.y0 >= outer.y0 - slack
+            and box.x1 <= outer.x1 + slack and box.y1 <= outer.y1 + slack)
+
+
+def make_plan(names: list[str] = LONG_NAMES) -> PruningPlan:
+    kinds = ["hidden", "head", "neuron", "channel"]
+    groups = [GroupDecision(id=i, name=n, kind=kinds[i % 4], atoms=64 * (i + 1),
+                            kept=list(range(10 * (i + 1)))) for i, n in enumerate(names)]
+    return PruningPlan(fingerprint="f", criterion="mi", target="output",
+                       budget={"kind": "params", "scope": ["bert.encoder"], "sparsity": 0.5,
+                               "dense_params": 1000, "estimated_params": 500},
+                       groups=groups, keep={}, shapes={})
+
+
+# ---- params_macs.png ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("pruned", [Measurement(1300, 1000, latency_ms=16.0, latency_batch=8),
+                                    Measurement(400, 900, latency_ms=31.0, latency_batch=8),
+                                    Measurement(500, 1000)])
+def test_plot_cost_fits_and_labels_every_bar(tmp_path: Path, figures: list, pruned) -> None:
+    dense = Measurement(1000, 2000, latency_ms=10.0, latency_batch=8)
+    ratios = [pruned.params / dense.params, pruned.macs / dense.macs]
+    if pruned.latency_ms:
+        ratios.append(pruned.latency_ms / dense.latency_ms)
+    plot_cost(dense, pruned, tmp_path / "cost.png")
+    (fig,) = figures
+    ax = fig.axes[0]
+    assert ax.get_ylim()[1] > max(ratios)  # no bar clipped
+    texts = [t.get_text() for t in ax.texts]
+    for r in ratios:  # every value written out
+        assert any(f"{r:.2f}x" in t for t in texts), (r, texts)
+    words = " ".join(texts)
+    if ratios[0] > 1:
+        assert "bigger" in words
+    if len(ratios) == 3:
+        assert ("slower" if ratios[2] > 1 else "faster") in words
+    for box in extents(fig, ax.texts):  # and inside the picture
+        assert inside(box, fig.bbox)
+
+
