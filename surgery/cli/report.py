@@ -11,6 +11,7 @@ from __future__ import annotations
 import html
 import json
 import platform
+import re
 import subprocess
 from dataclasses import asdict
 from pathlib import Path
@@ -73,34 +74,84 @@ def _pyplot():
 
 
 def plot_kept(plan: Any, path: str | Path) -> Path:
-    """Horizontal bars: kept fraction per prunable group, coloured by kind."""
+    """Horizontal bars: kept fraction per prunable group, coloured by kind. Group names are
+    shortened to their distinctive tail (:func:`short_name`) and the figure sized for them."""
     plt = _pyplot()
     groups = list(plan.groups)
     n = max(1, len(groups))
-    fig, ax = plt.subplots(figsize=(8, 1.2 + 0.28 * n))
-    names = [f"{g.id}: {g.name}" for g in groups]
+    names = [f"{g.id}: {short_name(g.name, KEPT_NAME_WIDTH)}" for g in groups]
+    widest = max((len(s) for s in names), default=10)
+    # about 0.06 in a character at 7.5 pt, 4.8 in for the bars, counts and legend
+    fig, ax = plt.subplots(figsize=(4.8 + 0.06 * widest, 1.5 + 0.24 * n), layout="constrained")
     fractions = [len(g.kept) / g.atoms if g.atoms else 1.0 for g in groups]
     colors = [KIND_COLORS.get(g.kind, OTHER_COLOR) for g in groups]
     y = list(range(len(groups)))
     ax.barh(y, fractions, color=colors)
+    ax.axvline(1.0, color="#888888", lw=0.8, ls="--")
     for yi, g, f in zip(y, groups, fractions):
-        ax.text(min(f, 1.0) + 0.01, yi, f"{len(g.kept)}/{g.atoms}", va="center", fontsize=7)
-    ax.set_yticks(y, names, fontsize=7)
-    ax.invert_yaxis()
-    ax.set_xlim(0, 1.15)
+        ax.annotate(f"{len(g.kept)}/{g.atoms}", (min(f, 1.0), yi), xytext=(3, 0),
+                    textcoords="offset points", va="center", fontsize=7)
+    ax.set_yticks(y, names, fontsize=7.5)
+    ax.set_ylim(len(groups) - 0.5, -0.5)  # first group on top
+    ax.set_xlim(0, 1.25)
+    ax.set_xticks([0, 0.25, 0.5, 0.75, 1.0])
     ax.set_xlabel("kept fraction of the group's atoms")
     kind = plan.budget.get("kind", "?")
-    ax.set_title(f"kept per coupled group ({plan.criterion}, {kind} budget)")
     kinds = list(dict.fromkeys(g.kind for g in groups))
     from matplotlib.patches import Patch
 
+    fig.suptitle(f"kept per coupled group ({plan.criterion}, {kind} budget)", fontsize=10)
     ax.legend(handles=[Patch(color=KIND_COLORS.get(k, OTHER_COLOR), label=k) for k in kinds],
-              loc="lower right", fontsize=8)
-    fig.tight_layout()
+              loc="lower right", bbox_to_anchor=(1.0, 1.0), ncols=max(1, len(kinds)),
+              fontsize=8, frameon=False, borderaxespad=0.2)
     path = Path(path)
     fig.savefig(path, dpi=110)
     plt.close(fig)
     return path
+
+
+KEPT_NAME_WIDTH = 48  # characters of a group name on the kept chart (the table has them all)
+_EXTRA = re.compile(r"^(.*?)((?: \(\+\d+\))?)$", re.S)
+
+
+def short_name(name: str, width: int = 40) -> str:
+    """``name`` in at most ``width`` characters, keeping what tells groups apart: the leaf
+    module, the last indexed container (``layer.0``, ``blocks.11``) and the ``(+N)`` of a
+    coupled group, then as much of the path before the leaf as fits; "…" marks what was left
+    out. ``bert.encoder.layer.0.attention.self.query (+5)`` in 36 characters is
+    ``…layer.0.attention.self.query (+5)``."""
+    if len(name) <= width:
+        return name
+    path, extra = _EXTRA.match(name).groups()
+    parts = path.split(".")
+    room = width - len(extra)
+
+    def render(keep: set[int]) -> str:
+        out, last = "", -1
+        for i in sorted(keep):
+            out += ("" if i == 0 else "…") if i != last + 1 else ("." if out else "")
+            out += parts[i]
+            last = i
+        return out
+
+    keep = {len(parts) - 1}
+    digits = [i for i in range(len(parts) - 1) if parts[i].isdigit()]
+    if digits:  # the last run of indices and the container it indexes: layer.0, blocks.5.2
+        i = digits[-1]
+        while i > 0 and parts[i - 1].isdigit():
+            i -= 1
+        anchor = set(range(max(0, i - 1), digits[-1] + 1))
+        if len(render(keep | anchor)) <= room:
+            keep |= anchor
+    for i in range(len(parts) - 2, -1, -1):  # the path before the leaf, while it fits
+        if i not in keep:
+            if len(render(keep | {i})) > room:
+                break
+            keep.add(i)
+    text = render(keep)
+    if len(text) > room:  # one long leaf: its end
+        text = "…" + path[-(room - 1):] if room > 1 else ""
+    return (text + extra)[:width] if text else name[-width:]
 
 
 def plot_cost(dense: Measurement, pruned: Measurement, path: str | Path) -> Path:
@@ -190,7 +241,8 @@ def draw_groups(coupling: Any, path: str | Path) -> Path:
     nx.draw_networkx_labels(g, pos, labels, ax=ax, font_size=7)
     for v in by_id:
         x, y = pos[v]
-        ax.text(x, y - 0.28, _short(by_id[v].name), ha="center", va="top", fontsize=6, rotation=30)
+        ax.text(x, y - 0.28, short_name(by_id[v].name, 22), ha="center", va="top", fontsize=6,
+                rotation=30)
     from matplotlib.patches import Patch
 
     kinds = sorted({gr.kind for gr in coupling.groups if gr.prunable})
@@ -206,10 +258,6 @@ def draw_groups(coupling: Any, path: str | Path) -> Path:
     fig.savefig(path, dpi=100)
     plt.close(fig)
     return path
-
-
-def _short(name: str, width: int = 22) -> str:
-    return name if len(name) <= width else "…" + name[-(width - 1):]
 
 
 # ---- the report -----------------------------------------------------------------------------

@@ -15,6 +15,8 @@ from matplotlib.figure import Figure  # noqa: E402
 
 from surgery.cli.report import (  # noqa: E402
     plot_cost,
+    plot_kept,
+    short_name,
 )
 from surgery.counting import Measurement  # noqa: E402
 from surgery.cut.plan import GroupDecision, PruningPlan  # noqa: E402
@@ -103,5 +105,38 @@ def test_plot_cost_fits_and_labels_every_bar(tmp_path: Path, figures: list, prun
         assert ("slower" if ratios[2] > 1 else "faster") in words
     for box in extents(fig, ax.texts):  # and inside the picture
         assert inside(box, fig.bbox)
+
+
+# ---- kept_per_group.png ---------------------------------------------------------------------
+
+def test_short_name_keeps_the_distinctive_tail() -> None:
+    assert short_name("layer1.0.conv1", 40) == "layer1.0.conv1"
+    got = short_name("bert.encoder.layer.0.attention.self.query (+5)", 36)
+    assert got == "…layer.0.attention.self.query (+5)"
+    got = short_name("model.backbone.stages.3.blocks.11.token_mixer.attention_projection_out", 40)
+    assert got.endswith("attention_projection_out") and "blocks.11" in got and len(got) <= 40
+    got = short_name("a." * 50 + "b" * 60, 30)
+    assert len(got) <= 30 and got.endswith("b" * 10)
+    for name in LONG_NAMES:
+        for width in (20, 30, 40):
+            assert len(short_name(name, width)) <= width
+
+
+def test_plot_kept_names_are_readable_and_inside(tmp_path: Path, figures: list) -> None:
+    plot_kept(make_plan(), tmp_path / "kept.png")
+    (fig,) = figures
+    ax = fig.axes[0]
+    labels = ax.get_yticklabels()
+    texts = [t.get_text() for t in labels]
+    assert "0: …encoder.layer.0.attention.output.dense (+11)" in texts
+    assert "3: …blocks.11…attention_projection_out (+7)" in texts
+    assert "1: bert.encoder.layer.0.attention.self.query (+5)" in texts
+    assert "5: stem" in texts
+    for box in extents(fig, [*labels, *ax.texts, ax.title, fig._suptitle or ax.title]):
+        assert inside(box, fig.bbox)
+    legend = ax.get_legend() or fig.legends[0]
+    renderer = render(fig)
+    box = legend.get_window_extent(renderer)
+    assert not any(box.overlaps(p.get_window_extent(renderer)) for p in ax.patches)
 
 
