@@ -302,6 +302,11 @@ def _md_table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join(lines)
 
 
+def _inline_html(text: str) -> str:
+    """Markdown text with `code` spans as HTML: escaped, the spans as ``<code>``."""
+    return re.sub(r"`([^`]+)`", r"<code>\1</code>", html.escape(text))
+
+
 def _html_table(header: list[str], rows: list[list[str]]) -> str:
     head = "".join(f"<th>{html.escape(h)}</th>" for h in header)
     body = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>"
@@ -369,10 +374,11 @@ def write_report(folder: str | Path, *, plan: Any, model: str, command: str,
     style = ("body{font-family:sans-serif;max-width:960px;margin:2em auto;padding:0 1em}"
              "table{border-collapse:collapse;margin:1em 0}td,th{border:1px solid #ccc;"
              "padding:3px 8px;text-align:right}td:nth-child(2),td:first-child{text-align:left}"
-             "pre{background:#f4f4f4;padding:1em;overflow-x:auto}img{max-width:100%}")
+             "pre{background:#f4f4f4;padding:1em;overflow-x:auto}img{max-width:100%}"
+             "code{background:#f4f4f4;padding:0 3px;border-radius:3px}")
     h = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
          f"<style>{style}</style></head><body>",
-         f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(intro)}</p>",
+         f"<h1>{html.escape(title)}</h1>", f"<p>{_inline_html(intro)}</p>",
          "<h2>Before and after</h2>", _html_table(summary_header, summary_rows(dense, pruned)),
          cost_tag, "<h2>What was cut</h2>",
          _html_table(["kind", "atoms", "kept", "kept %"], kind_rows),

@@ -5,6 +5,7 @@ readable, no matplotlib warnings, and a many-group drawing that fits one screen.
 from __future__ import annotations
 
 import struct
+import warnings
 from pathlib import Path
 
 import pytest
@@ -17,6 +18,7 @@ from surgery.cli.report import (  # noqa: E402
     plot_cost,
     plot_kept,
     short_name,
+    write_report,
 )
 from surgery.counting import Measurement  # noqa: E402
 from surgery.cut.plan import GroupDecision, PruningPlan  # noqa: E402
@@ -79,6 +81,41 @@ def make_plan(names: list[str] = LONG_NAMES) -> PruningPlan:
                        budget={"kind": "params", "scope": ["bert.encoder"], "sparsity": 0.5,
                                "dense_params": 1000, "estimated_params": 500},
                        groups=groups, keep={}, shapes={})
+
+
+# ---- the report -----------------------------------------------------------------------------
+
+def test_write_report_emits_no_warnings(tmp_path: Path) -> None:
+    dense = Measurement(1000, 2000, 0.9, 64, 10.0, 8)
+    slower = Measurement(1300, 1000, 0.8, 64, 16.0, 8)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        write_report(tmp_path, plan=make_plan(), model="m", command="surgery prune m",
+                     dense=dense, pruned=slower, settings={"sparsity": 0.5})
+    assert [str(w.message) for w in caught] == []
+    for png in ("kept_per_group.png", "params_macs.png"):
+        assert png_size(tmp_path / png)[0] > 0
+
+
+def test_html_renders_code_spans(tmp_path: Path) -> None:
+    write_report(tmp_path, plan=make_plan(), model="m", command="surgery prune m",
+                 dense=Measurement(1000, 2000), pruned=Measurement(500, 900),
+                 settings={"sparsity": 0.5})
+    page = (tmp_path / "report.html").read_text()
+    assert "`" not in page
+    assert "Pruned by <code>mi</code> (target <code>output</code>)" in page
+    assert "<code>bert.encoder</code>" in page
+    md = (tmp_path / "report.md").read_text()
+    assert "Pruned by `mi` (target `output`)" in md  # Markdown keeps its code spans
+
+
+def test_html_code_spans_are_escaped(tmp_path: Path) -> None:
+    plan = make_plan()
+    plan.criterion = "<b>&"
+    write_report(tmp_path, plan=plan, model="m", command="c", dense=Measurement(1, 1),
+                 pruned=Measurement(1, 1), settings={})
+    page = (tmp_path / "report.html").read_text()
+    assert "<code>&lt;b&gt;&amp;</code>" in page and "<b>&" not in page
 
 
 # ---- params_macs.png ------------------------------------------------------------------------
