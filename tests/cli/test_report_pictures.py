@@ -7,14 +7,18 @@ from __future__ import annotations
 import struct
 import warnings
 from pathlib import Path
+from types import SimpleNamespace
 
+import numpy as np
 import pytest
+import torch
 
 pytest.importorskip("matplotlib")
 
 from matplotlib.figure import Figure  # noqa: E402
 
 from surgery.cli.report import (  # noqa: E402
+    draw_groups,
     plot_cost,
     plot_kept,
     short_name,
@@ -22,6 +26,7 @@ from surgery.cli.report import (  # noqa: E402
 )
 from surgery.counting import Measurement  # noqa: E402
 from surgery.cut.plan import GroupDecision, PruningPlan  # noqa: E402
+from surgery.graph.groups import OUTPUT  # noqa: E402
 
 SCREEN = (1600, 1000)
 LONG_NAMES = [
@@ -177,3 +182,103 @@ def test_plot_kept_names_are_readable_and_inside(tmp_path: Path, figures: list) 
     assert not any(box.overlaps(p.get_window_extent(renderer)) for p in ax.patches)
 
 
+# ---- the group drawing ----------------------------------------------------------------------
+
+def fake_coupling(stages: tuple[int, ...] = (3, 4, 11, 3)) -> SimpleNamespace:
+    """A ResNet-like group structure: a 3-conv stem, per stage a residual group (the hub) read
+    by each block's first conv and written by its last, and an output group: 40 groups for
+    ResNet-50's (3, 4, 6, 3) blocks, 50 for (3, 4, 11, 3)."""
+    groups, relations = [], []
+
+    def group(name: str, atoms: int, prunable: bool = True, kind: str = "channel") -> int:
+        gid = len(groups)
+        groups.append(SimpleNamespace(id=gid, name=name, atoms=atoms, prunable=prunable,
+                                      kind=kind, order=gid, reason=""))
+        return gid
+
+    def edge(a: int, b: int) -> None:
+        relations.append(SimpleNamespace(group=a, target=b))
+
+    prev = group("model.stem.conv1.0", 32)
+    for i in (1, 2):
+        g = group(f"model.stem.conv1.{3 * i}", 32)
+        edge(prev, g)
+        prev = g
+    for s, blocks in enumerate(stages):
+        hub = None
+        for b in range(blocks):
+            c1 = group(f"model.backbone.layer{s + 1}.{b}.conv1", 64 << s)
+            c2 = group(f"model.backbone.layer{s + 1}.{b}.conv2", 64 << s)
+            if hub is None:
+                hub = group(f"model.backbone.layer{s + 1}.0.conv3 (+{blocks})", 256 << s)
+                edge(prev, hub)
+            edge(prev if b == 0 else hub, c1)
+            edge(c1, c2)
+            edge(c2, hub)
+        prev = hub
+    edge(prev, OUTPUT)
+    out = group("model.head.fc", 1000, prunable=False)
+    return SimpleNamespace(groups=groups, relations=relations, output_groups={out})
+
+
+def check_drawing(fig: Figure) -> None:
+    ax = fig.axes[0]
+    renderer = render(fig)
+    texts = [t for t in ax.texts if t.get_text()]
+    boxes = [t.get_window_extent(renderer) for t in texts]
+    for box in boxes:
+        assert inside(box, fig.bbox)
+    for t in texts:
+        assert t.get_fontsize() >= 7, t.get_text()
+    names = [(t, b) for t, b in zip(texts, boxes) if t.get_gid() == "name"]
+    assert names
+    for i, (t1, b1) in enumerate(names):  # no name written over another
+        for t2, b2 in names[i + 1:]:
+            assert not b1.overlaps(b2), (t1.get_text(), t2.get_text())
+    nodes = ax.collections[0]
+    centres = ax.transData.transform(nodes.get_offsets())
+    radius = np.sqrt(nodes.get_sizes().max()) / 2 * fig.dpi / 72
+    for legend in [*fig.legends, ax.get_legend()]:
+        if legend is None:
+            continue
+        box = legend.get_window_extent(renderer).padded(radius)
+        assert not any(box.contains(x, y) for x, y in centres)
+
+
+def test_draw_groups_of_fifty_groups_fits_a_screen(tmp_path: Path, figures: list) -> None:
+    coupling = fake_coupling()
+    assert len(coupling.groups) == 50
+    draw_groups(coupling, tmp_path / "g.png")
+    width, height = png_size(tmp_path / "g.png")
+    assert width <= SCREEN[0] and height <= SCREEN[1], (width, height)
+    check_drawing(figures[0])
+
+
+def test_draw_groups_of_a_small_model(tmp_path: Path, figures: list) -> None:
+    draw_groups(fake_coupling((1, 1)), tmp_path / "g.png")
+    width, height = png_size(tmp_path / "g.png")
+    assert 400 <= width <= SCREEN[0] and 200 <= height <= SCREEN[1]
+    check_drawing(figures[0])
+
+
+def test_draw_groups_without_warnings(tmp_path: Path) -> None:
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        draw_groups(fake_coupling((3, 4, 23, 3)), tmp_path / "g.svg")
+        draw_groups(fake_coupling((1,)), tmp_path / "g.png")
+    assert [str(w.message) for w in caught] == []
+    assert "<svg" in (tmp_path / "g.svg").read_text()
+
+
+def test_draw_groups_of_torchvision_efficientnet(tmp_path: Path, figures: list) -> None:
+    """A real 50-group model (squeeze-excitation blocks): one screen, nothing overlapping."""
+    torchvision = pytest.importorskip("torchvision")
+    import surgery
+
+    coupling = surgery.couple(torchvision.models.efficientnet_b0().eval(),
+                              torch.randn(1, 3, 32, 32))
+    assert len(coupling.groups) >= 45
+    draw_groups(coupling, tmp_path / "g.png")
+    width, height = png_size(tmp_path / "g.png")
+    assert width <= SCREEN[0] and height <= SCREEN[1], (width, height)
+    check_drawing(figures[0])
