@@ -91,7 +91,7 @@ def plot_kept(plan: Any, path: str | Path) -> Path:
     ax.axvline(1.0, color="#888888", lw=0.8, ls="--")
     for yi, g, f in zip(y, groups, fractions):
         ax.annotate(f"{len(g.kept)}/{g.atoms}", (min(f, 1.0), yi), xytext=(3, 0),
-                    textcoords="offset points", va="center", fontsize=7)
+                    textcoords="offset points", va="center", fontsize=7, bbox=_UNDER)
     ax.set_yticks(y, names, fontsize=7.5)
     ax.set_ylim(len(groups) - 0.5, -0.5)  # first group on top
     ax.set_xlim(0, 1.25)
