@@ -65,7 +65,7 @@ def inspect(
                   f"MACs {surgery.count_macs(loaded.model, x):,} (one sample, input "
                   f"{describe_inputs(loaded.inputs)})")
     if graph is not None:
-        from surgery.cli.report import draw_groups
+        from surgery.cli.group_graph import draw_groups
 
         graph.parent.mkdir(parents=True, exist_ok=True)
         draw_groups(coupling, graph)

@@ -32,6 +32,7 @@ from surgery.cli._common import (
     console,
     criterion_names,
     describe_inputs,
+    err_console,
     estimator_names,
     friendly,
     label2id_of,
@@ -244,4 +245,6 @@ def _summarise(model: str, options: PruneOptions, plan: Any, dense: Any, after: 
         k[0], k[1] = k[0] + g.atoms, k[1] + len(g.kept)
     console.print("kept: " + ", ".join(f"{b}/{a} {KIND_NOUNS.get(kind, kind + 's')}"
                                        for kind, (a, b) in kinds.items()))
+    for name, why in (plan.extra.get("fallbacks") or {}).items():
+        err_console.print(f"[yellow]note:[/] group {name} could not be scored as asked ({why}).")
     console.print(f"pruned model, plan and report written to {out}/ (report.md, report.html)")

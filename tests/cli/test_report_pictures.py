@@ -17,13 +17,9 @@ pytest.importorskip("matplotlib")
 
 from matplotlib.figure import Figure  # noqa: E402
 
-from surgery.cli.report import (  # noqa: E402
-    draw_groups,
-    plot_cost,
-    plot_kept,
-    short_name,
-    write_report,
-)
+from surgery.cli.group_graph import draw_groups  # noqa: E402
+from surgery.cli.plots import plot_cost, plot_kept, short_name  # noqa: E402
+from surgery.cli.report import write_report  # noqa: E402
 from surgery.counting import Measurement  # noqa: E402
 from surgery.cut.plan import GroupDecision, PruningPlan  # noqa: E402
 from surgery.graph.groups import OUTPUT  # noqa: E402
@@ -112,6 +108,16 @@ def test_html_renders_code_spans(tmp_path: Path) -> None:
     assert "<code>bert.encoder</code>" in page
     md = (tmp_path / "report.md").read_text()
     assert "Pruned by `mi` (target `output`)" in md  # Markdown keeps its code spans
+
+
+def test_fallbacks_are_in_the_report(tmp_path: Path) -> None:
+    plan = make_plan()
+    plan.extra["fallbacks"] = {"blocks.0.attn.qkv": "mi -> magnitude: no layer with weights is "
+                                                    "seen reading this group"}
+    write_report(tmp_path, plan=plan, model="m", command="c", dense=Measurement(1, 1),
+                 pruned=Measurement(1, 1), settings={})
+    md = (tmp_path / "report.md").read_text()
+    assert "1 group(s) could not be scored as asked: `blocks.0.attn.qkv`: mi -> magnitude" in md
 
 
 def test_html_code_spans_are_escaped(tmp_path: Path) -> None:
