@@ -92,14 +92,16 @@ def distill(
     temperature: float = 2.0,
     weight_decay: float = 0.0,
     progress: bool = True,
+    after_backward: Any = None,
     on_step: Any = None,
 ) -> list[float]:
     """A short distillation fine-tune of ``student`` against ``teacher``'s logits, in place.
 
     Cycles over ``batches`` (inputs, or (inputs, labels) with labels ignored) for ``steps``
-    AdamW steps on the KL divergence between temperature-softened outputs. ``on_step(student)``
-    is called after each optimiser step (movement pruning accumulates its scores there).
-    Returns the loss per step."""
+    AdamW steps on the KL divergence between temperature-softened outputs.
+    ``after_backward(student)`` runs once the gradients are there, before the optimiser step,
+    and ``on_step(student)`` after it (movement pruning reads the gradients of the masked
+    weights in the first and masks again in the second). Returns the loss per step."""
     import itertools
 
     import torch.nn.functional as F
@@ -127,6 +129,8 @@ def distill(
                             reduction="batchmean") * temperature ** 2
             opt.zero_grad()
             loss.backward()
+            if after_backward is not None:
+                after_backward(student)
             opt.step()
             if on_step is not None:
                 on_step(student)
