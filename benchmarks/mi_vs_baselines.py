@@ -303,9 +303,13 @@ def main() -> None:
     dense_lat = surgery.measure_latency(task.model, task.latency_input, repeats=5)
 
     def latency_ratio(model: torch.nn.Module) -> str:
-        """Against the dense model timed just before (the machine's speed drifts)."""
-        dense = surgery.measure_latency(task.model, task.latency_input, repeats=5)
-        return f"{surgery.measure_latency(model, task.latency_input, repeats=5) / dense:.2f}x"
+        """Pruned over dense, timed interleaved (surgery.timing): both see the same load."""
+        from surgery.timing import Speedup, time_interleaved
+
+        s = time_interleaved({"dense": task.model, "pruned": model}, task.latency_input,
+                             rounds=7)
+        speed = Speedup.of(s["dense"], s["pruned"])
+        return f"{1 / speed.ratio:.2f}x" + (" (noisy)" if speed.noisy else "")
     rows: list[dict] = []
     for size in sizes:
         for name in wanted:
