@@ -25,6 +25,7 @@ from surgery.budget.cost import CostModel
 from surgery.budget.kind_search import output_gap, outputs, search_kind_weights
 from surgery.counting import count_macs, count_params, node_macs
 from surgery.cut.apply import apply_plan
+from surgery.cut.compensation import apply_refits
 from surgery.cut.compensation import compensate as compensate_readers
 from surgery.cut.plan import PruningPlan, build_plan
 from surgery.cut.recovery import recalibrate_batchnorm, stale_batchnorms
@@ -36,7 +37,8 @@ from surgery.plugins._manager import call_hook
 from surgery.scoring.criteria import Criterion, ScoreContext, get_criterion
 from surgery.scoring.estimators import SAMPLES
 from surgery.scoring.topdown import top_down
-from surgery.stats.calibration import calibrate
+from surgery.stats.calibration import calibrate, calibration_bytes
+from surgery.stats.stages import Stages
 
 
 class _Default:
@@ -146,18 +148,20 @@ def _decide(model: torch.nn.Module, example_inputs: Any, calib_data: Iterable[An
                           budget=_budget(opts, cost, kept, None))
         plan.extra["layer_macs"] = cost.layer_macs(cost.mask(kept))
         return _Decision(plan, ctx, kept)
+    stages = None
     if crit.needs_calibration or ((statistics or search) and calib_data is not None):
         needs_samples = getattr(getattr(crit, "estimate", None), "needs_samples", False)
-        ctx.calibration = calibrate(
-            coupling, calib_data, target=opts.target, max_batches=opts.max_batches,
-            progress=_stage(progress, "calibrate"), distributed=opts.distributed,
-            samples=SAMPLES if needs_samples else 0, seed=opts.seed,
-        )
+        options = dict(target=opts.target, max_batches=opts.max_batches,
+                       progress=_stage(progress, "calibrate"), distributed=opts.distributed,
+                       samples=SAMPLES if needs_samples else 0, seed=opts.seed)
+        stages = _stages(coupling, calib_data, opts, search, statistics, options)
+        if stages is None:
+            ctx.calibration = calibrate(coupling, calib_data, **options)
 
     def choose(w: dict[str, float] | None) -> tuple[dict, dict]:
         ctx.kept = {}
         kept, scores = top_down(crit, ctx, counts if w is weights else _counts(cost, opts, w),
-                                progress=_stage(progress, "score"))
+                                progress=_stage(progress, "score"), stages=stages)
         if opts.allocation == "global":
             kept = global_kept(cost, scores, opts.sparsity, opts.budget,
                                round_to=opts.round_to, min_keep=opts.min_keep)
@@ -173,6 +177,10 @@ def _decide(model: torch.nn.Module, example_inputs: Any, calib_data: Iterable[An
     plan = build_plan(coupling, kept, criterion=opts.criterion, target=opts.target,
                       scores=scores, budget=_budget(opts, cost, kept, weights, history))
     plan.extra["layer_macs"] = cost.layer_macs(cost.mask(kept))
+    if stages is not None:
+        ctx.refits = stages.refits
+        plan.extra["calibration_stages"] = {"passes": stages.passes,
+                                            "peak_bytes": stages.peak}
     if ctx.fallbacks:
         plan.extra["fallbacks"] = {coupling.groups[g].name: why
                                    for g, why in sorted(ctx.fallbacks.items())}
@@ -188,6 +196,22 @@ def _budget(opts: PruneOptions, cost: CostModel, kept: dict[int, Any],
             **({"kind_search": [[w, g] for w, g in history]} if history else {}),
             "dense_params": cost.dense.params, "dense_macs": cost.dense.macs,
             "estimated_params": estimate.params, "estimated_macs": estimate.macs}
+
+
+def _stages(coupling: Coupling, calib_data: Iterable[Any], opts: PruneOptions, search: bool,
+            statistics: bool, options: dict[str, Any]) -> Stages | None:
+    """Stages when every relation's statistics at once would exceed
+    ``opts.calibration_memory``, else None (one pass, everything held: the usual case)."""
+    if sum(calibration_bytes(coupling).values()) <= opts.calibration_memory:
+        return None
+    if opts.allocation == "global" or search:
+        raise OptionsError(
+            "the calibration statistics of this model exceed calibration_memory="
+            f"{opts.calibration_memory:,} bytes, so they are collected in stages, which needs "
+            "allocation='uniform' and no kind_weights='search' (both compare every group at "
+            "once); raise calibration_memory or change those options.")
+    return Stages(coupling, calib_data, opts.calibration_memory, compensate=statistics,
+                  calibrate_options=options)
 
 
 def _criterion(opts: PruneOptions, calib_data: Iterable[Any] | None) -> Criterion:
@@ -263,7 +287,9 @@ def _realise(model: torch.nn.Module, decision: _Decision, example_inputs: Any, *
     of cut groups first when ``compensate`` and calibration statistics are there."""
     target_model = model if inplace else copy.deepcopy(model)
     ctx = decision.ctx
-    if compensate and ctx.calibration is not None:
+    if compensate and ctx.refits is not None:
+        decision.plan.extra["compensated"] = apply_refits(target_model, ctx.refits)
+    elif compensate and ctx.calibration is not None:
         decision.plan.extra["compensated"] = compensate_readers(
             target_model, ctx.coupling, ctx.calibration, decision.kept)
     return apply_plan(target_model, decision.plan, example_inputs, inplace=True)

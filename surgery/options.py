@@ -58,6 +58,10 @@ class PruneOptions:
       its kept inputs (uses the calibration statistics; skipped without them).
     - ``recalibrate``: re-estimate BatchNorm running statistics on the calibration data after
       the cut (no labels, one pass; skipped when there is no BatchNorm or no data).
+    - ``calibration_memory``: bytes of calibration statistics held at once (default 4 GiB).
+      Above it, groups are calibrated, decided and freed in stages, one pass over the
+      calibration data each (:mod:`surgery.stats.stages`): what lets an 8B-parameter layout be
+      pruned on one GPU. Needs ``allocation="uniform"`` and no kind-weight search.
     """
 
     sparsity: float = 0.5
@@ -77,6 +81,7 @@ class PruneOptions:
     distributed: bool | None = None
     compensate: bool = True
     recalibrate: bool = True
+    calibration_memory: int = 4 * 2**30
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise once, here
@@ -113,6 +118,10 @@ class PruneOptions:
                    for v in (self.round_to, self.min_keep)):
             raise BudgetError(f"round_to and min_keep must be whole numbers >= 1 (got "
                               f"{self.round_to!r}, {self.min_keep!r}).")
+        if (not isinstance(self.calibration_memory, numbers.Integral)
+                or self.calibration_memory < 1):
+            raise BudgetError(f"calibration_memory must be a positive number of bytes, got "
+                              f"{self.calibration_memory!r}.")
         if isinstance(self.kind_weights, str) and self.kind_weights not in KIND_WEIGHT_MODES:
             raise BudgetError(f"kind_weights must be a dict {{kind: weight}}, 'search', "
                               f"'uniform' or None, got {self.kind_weights!r}.")

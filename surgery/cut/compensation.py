@@ -18,6 +18,8 @@ plan records that it was applied (``plan.extra["compensated"]``).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+
 import numpy as np
 import torch
 import torch.fx as fx
@@ -45,29 +47,36 @@ def weighted_reader(gm: fx.GraphModule, rel: Relation
     return None, None
 
 
-def compensate(model: torch.nn.Module, coupling: Coupling, calibration: Calibration,
-               kept: dict[int, np.ndarray], ridge: float = 1e-2) -> list[str]:
-    """Fold the removed channels' linear reconstruction into every reader, in place.
+@dataclass
+class Refit:
+    """What compensation adds to one reader for one cut group: ``weight_delta`` (out, kept,
+    *kernel) to the weight's kept input positions ``positions`` (dim 1), ``bias_delta`` to the
+    bias. Computed from the dense weights; applied to the copy about to be sliced."""
 
-    ``model`` is the copy about to be sliced (same parameter names as the traced model).
-    Returns the names of the layers refitted."""
+    module: str
+    positions: np.ndarray
+    weight_delta: torch.Tensor
+    bias_delta: torch.Tensor | None
+
+
+def refits(model: torch.nn.Module, coupling: Coupling, calibration: Calibration,
+           kept: dict[int, np.ndarray], ridge: float = 1e-2) -> list[Refit]:
+    """The least-squares refit of every reader of a cut group whose statistics ``calibration``
+    holds (all of them, or one stage's), from ``model``'s dense weights."""
     gm = coupling.capture.graph_module
-    done = []
-    for i, rel in enumerate(coupling.relations):
+    out = []
+    for i, sums in calibration.sums.items():
+        rel = coupling.relations[i]
         group = coupling.groups[rel.group]
-        if not group.prunable or i not in calibration.sums or rel.group not in kept:
-            continue
         feats = calibration.x_features[i]
-        if feats.average_atoms:
+        if not group.prunable or rel.group not in kept or feats.average_atoms:
             continue
         name, _ = weighted_reader(gm, rel)
         if name is None:
             continue
-        module = model.get_submodule(name)
         keep_mask = np.isin(feats.position_atoms, kept[rel.group])
         if keep_mask.all() or not keep_mask.any():
             continue
-        sums = calibration.sums[i]
         cov, _, _ = sums.blocks()
         mean = sums.mean()[:sums.dx]
         k_cols = torch.as_tensor(np.nonzero(keep_mask)[0], device=cov.device)
@@ -78,16 +87,34 @@ def compensate(model: torch.nn.Module, coupling: Coupling, calibration: Calibrat
             len(k_cols), dtype=cov.dtype, device=cov.device)
         a = torch.linalg.solve(s_kk, s_rk.T).T  # (R, K)
         c = mean[r_cols] - a @ mean[k_cols]
-        k_pos = torch.as_tensor(feats.positions[keep_mask], device=module.weight.device)
-        r_pos = torch.as_tensor(feats.positions[~keep_mask], device=module.weight.device)
-        with torch.no_grad():
+        module = model.get_submodule(name)
+        w = module.weight.detach()
+        r_pos = torch.as_tensor(feats.positions[~keep_mask], device=w.device)
+        w_r = w.index_select(1, r_pos).double()  # (out, R, *kernel)
+        delta = torch.einsum("or...,rk->ok...", w_r, a.to(w.device)).to(w.dtype)
+        shift = None
+        if module.bias is not None:  # without one, a following BatchNorm's re-estimated
+            shift = torch.einsum("or...,r->o", w_r, c.to(w.device)).to(w.dtype)  # mean absorbs
+        out.append(Refit(name, feats.positions[keep_mask], delta, shift))
+    return out
+
+
+def apply_refits(model: torch.nn.Module, found: list[Refit]) -> list[str]:
+    """Add the refits to ``model``'s weights in place; the names of the layers refitted."""
+    with torch.no_grad():
+        for refit in found:
+            module = model.get_submodule(refit.module)
             w = module.weight
-            w_r = w.index_select(1, r_pos).double()  # (out, R, *kernel)
-            a_dev = a.to(w.device)
-            delta = torch.einsum("or...,rk->ok...", w_r, a_dev)
-            w.index_add_(1, k_pos, delta.to(w.dtype))
-            if module.bias is not None:  # without one, a following BatchNorm's re-estimated
-                shift = torch.einsum("or...,r->o", w_r, c.to(w.device))  # mean absorbs it
-                module.bias.add_(shift.to(w.dtype))
-        done.append(name)
-    return done
+            w.index_add_(1, torch.as_tensor(refit.positions, device=w.device),
+                         refit.weight_delta.to(w.device))
+            if refit.bias_delta is not None:
+                module.bias.add_(refit.bias_delta.to(w.device))
+    return [r.module for r in found]
+
+
+def compensate(model: torch.nn.Module, coupling: Coupling, calibration: Calibration,
+               kept: dict[int, np.ndarray], ridge: float = 1e-2) -> list[str]:
+    """Fold the removed channels' linear reconstruction into every reader of ``model`` (the
+    copy about to be sliced, same parameter names as the traced model), in place. Returns the
+    names of the layers refitted."""
+    return apply_refits(model, refits(model, coupling, calibration, kept, ridge))

@@ -28,6 +28,9 @@ class ScoreContext:
     """The calibration batches themselves, for criteria that run the model (Taylor)."""
     cache: dict[str, Any] = field(default_factory=dict)
     """What a criterion computes once for all groups (Taylor's weight x gradient sums)."""
+    refits: list[Any] | None = None
+    """Compensation's refits when calibration was staged (computed stage by stage, since no
+    stage's statistics outlive it); None: compensation reads ``calibration``."""
     fallbacks: dict[int, str] = field(default_factory=dict)
     """Groups a criterion could not score as asked, with what it did instead: reported in the
     plan (``plan.extra["fallbacks"]``) and the report, never silent."""

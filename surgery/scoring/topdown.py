@@ -10,11 +10,14 @@ of which writes another's target are decided in one call (the same context eithe
 
 from __future__ import annotations
 
-from typing import Callable
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
 from surgery.scoring.criteria import Criterion, ScoreContext
+
+if TYPE_CHECKING:  # stages import compensation, which imports scoring
+    from surgery.stats.stages import Stages
 
 
 def top_down(
@@ -22,8 +25,11 @@ def top_down(
     ctx: ScoreContext,
     counts: dict[int, int],
     progress: Callable[[int], None] | None = None,
+    stages: Stages | None = None,
 ) -> tuple[dict[int, np.ndarray], dict[int, np.ndarray]]:
-    """Return ``(kept, scores)`` per prunable group id."""
+    """Return ``(kept, scores)`` per prunable group id. With ``stages`` (a
+    :class:`surgery.stats.stages.Stages`), each run is decided in stages whose statistics are
+    collected when the stage starts and dropped when it ends."""
     scores: dict[int, np.ndarray] = {}
     groups = sorted(ctx.coupling.prunable, key=lambda g: (-g.order, g.id))
     targets: dict[int, set[int]] = {}
@@ -37,11 +43,16 @@ def top_down(
         while (step + len(run) < len(groups)
                and not targets.get(groups[step + len(run)].id, set()) & {g.id for g in run}):
             run.append(groups[step + len(run)])
-        chosen = criterion.select_many(run, ctx, [counts[g.id] for g in run])
-        for group, (kept, s) in zip(run, chosen):
-            scores[group.id] = s
-            ctx.kept[group.id] = kept
-            if progress is not None:
-                progress(step)
-            step += 1
+        for chunk in stages.chunks(run) if stages is not None else [run]:
+            if stages is not None:
+                stages.enter(chunk, ctx)
+            chosen = criterion.select_many(chunk, ctx, [counts[g.id] for g in chunk])
+            for group, (kept, s) in zip(chunk, chosen):
+                scores[group.id] = s
+                ctx.kept[group.id] = kept
+                if progress is not None:
+                    progress(step)
+                step += 1
+            if stages is not None:
+                stages.leave(chunk, ctx)
     return dict(ctx.kept), scores

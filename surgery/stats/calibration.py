@@ -9,10 +9,11 @@ tensor becomes rows is :mod:`surgery.stats._probes`; the sums are :mod:`surgery.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Callable, Iterable
+from typing import Any, Callable, Collection, Iterable
 
 import torch
 import torch.nn.functional as F
+from torch.utils._pytree import tree_leaves
 
 from surgery._core.batches import as_args, first_tensor, rows, split_batch, to_device
 from surgery._core.memory import release_heap
@@ -71,8 +72,10 @@ def calibrate(
     distributed: bool | None = None,
     samples: int = 0,
     seed: int = 0,
+    relations: Collection[int] | None = None,
 ) -> Calibration:
-    """Fold ``calib_data`` into moment sums for every relation of ``coupling``.
+    """Fold ``calib_data`` into moment sums for every relation of ``coupling`` (or only those
+    indexed in ``relations``: staged calibration holds a few groups' statistics at a time).
 
     ``samples > 0`` also keeps that many rows per relation, drawn uniformly (seeded by
     ``seed``), for estimators that work on samples; on one process only.
@@ -94,12 +97,12 @@ def calibrate(
     if samples and distributed:
         raise CalibrationError("sample-based MI estimators (binned, ksg) run on one process; "
                                "use estimator='gaussian' for distributed calibration.")
-    result, linear, needed = _layout(coupling)
+    result, linear, needed = _layout(coupling, relations)
     gm = coupling.capture.graph_module
     device = next((p.device for p in gm.parameters()), torch.device("cpu"))
     with instrument(gm, needed, grid) as (instrumented, store), evaluating(instrumented), \
             torch.no_grad():
-        fold = _Fold(result, linear, store, target, samples, seed, device)
+        fold = _Fold(result, linear, store, target, samples, seed, device, distributed)
         for b, batch in enumerate(calib_data):
             if max_batches is not None and b >= max_batches:
                 break
@@ -134,16 +137,19 @@ def calibrate(
     return result
 
 
-def _layout(coupling: Coupling) -> tuple[Calibration, dict[int, tuple[torch.Tensor, Any]],
-                                         dict[tuple[str, int], None]]:
+def _layout(coupling: Coupling, relations: Collection[int] | None = None
+            ) -> tuple[Calibration, dict[int, tuple[torch.Tensor, Any]],
+                       dict[tuple[str, int, str | None], None]]:
     """The empty result with each relation's feature layout, the relations whose target is a
-    linear function of their input (weight rows, bias), and the (node, axis) pairs to probe."""
+    linear function of their input (weight rows, bias), and the probes to place."""
     gm = coupling.capture.graph_module
     result = Calibration(coupling)
     needed: dict[tuple[str, int, str | None], None] = {}
     linear: dict[int, tuple[torch.Tensor, torch.Tensor | None]] = {}
     nodes = {n.name: n for n in gm.graph.nodes}
-    for i, rel in enumerate(coupling.relations):
+    chosen = range(len(coupling.relations)) if relations is None else sorted(relations)
+    for i in chosen:
+        rel = coupling.relations[i]
         needed[rel.probe.key] = None
         result.x_features[i] = features_of(rel.probe)
         if rel.target != OUTPUT:
@@ -161,11 +167,16 @@ class _Fold:
     """Folds one batch's probed activations into every relation's moment sums."""
 
     def __init__(self, result: Calibration, linear: dict, store: dict, target: str,
-                 samples: int, seed: int, device: torch.device) -> None:
+                 samples: int, seed: int, device: torch.device, distributed: bool = False
+                 ) -> None:
         self.result, self.linear, self.store = result, linear, store
         self.target, self.samples, self.device = target, samples, device
         self.generator = torch.Generator().manual_seed(seed)
-        self.reads_output = any(rel.target == OUTPUT for rel in result.coupling.relations)
+        self.indices = list(result.x_features)
+        self.reads_output = any(result.coupling.relations[i].target == OUTPUT
+                                for i in self.indices)
+        self.tokens: torch.Tensor | None = None  # columns of a wide output kept as the target
+        self.distributed = distributed
 
     def __call__(self, b: int, inputs: Any, output: Any, labels: torch.Tensor | None) -> None:
         result, relations = self.result, self.result.coupling.relations
@@ -175,6 +186,8 @@ class _Fold:
                 "each batch must carry one label per input (a 1-D integer tensor).")
         top = (top_signal(output, None if labels is None else labels.to(self.device),
                           self.target) if self.reads_output else None)
+        if top is not None and top.shape[-1] > TOP_COLUMNS:
+            top = self._sketch(top)
         mask = inputs.get("attention_mask") if isinstance(inputs, dict) else None
         if not result.sums:
             self._allocate(top)
@@ -194,7 +207,8 @@ class _Fold:
                 cache[key] = columns(pooled, feats)
             return cache[key]
 
-        for i, rel in enumerate(relations):
+        for i in self.indices:
+            rel = relations[i]
             x = read(rel.probe, result.x_features[i])
             if i in self.linear:  # x alone, rows as the reader's output would align
                 t, tnode = x, rel.layer
@@ -220,8 +234,69 @@ class _Fold:
     def _allocate(self, top: torch.Tensor | None) -> None:
         """Every relation's sums, before the first batch's temporaries (see MomentSums)."""
         result = self.result
-        for i, rel in enumerate(result.coupling.relations):
+        for i in self.indices:
+            rel = result.coupling.relations[i]
             dt = (0 if i in self.linear else top.shape[-1] if rel.target == OUTPUT
                   else len(result.t_features[i].atom_of_column))
             result.sums[i] = MomentSums(len(result.x_features[i].atom_of_column), dt)
             result.sums[i].allocate(self.device)
+
+    def _sketch(self, top: torch.Tensor) -> torch.Tensor:
+        """A wide output (a language model's 49k-way next-token scores) as the log-probabilities
+        of the ``TOP_TOKENS`` outputs most probable on the first batch, plus the log of the rest
+        of the mass. Moment sums of 49k columns would need 19 GB; these keep the part of the
+        output distribution the model actually uses. One-hot labels are cut the same way."""
+        if self.target == "labels":
+            self._choose(top)
+            kept = top.index_select(-1, self.tokens)
+            return torch.cat([kept, 1 - kept.sum(-1, keepdim=True)], -1)
+        logp = torch.log_softmax(top, -1)
+        self._choose(logp.exp())
+        kept = logp.index_select(-1, self.tokens)
+        rest = torch.log1p(-kept.exp().sum(-1, keepdim=True).clamp_max(1 - 1e-6))
+        return torch.cat([kept, rest], -1)
+
+    def _choose(self, probabilities: torch.Tensor) -> None:
+        """The kept columns, once: the most probable on this process's first batch, and under
+        torch.distributed rank 0's choice on every rank (their sums must line up)."""
+        if self.tokens is not None:
+            return
+        mass = probabilities.reshape(-1, probabilities.shape[-1]).mean(0)
+        self.tokens = mass.topk(TOP_TOKENS).indices
+        if self.distributed:
+            import torch.distributed as dist
+
+            dist.broadcast(self.tokens, src=0)
+
+
+TOP_COLUMNS = 4096
+"""Widest model output used as the top signal as it is; wider ones are sketched (_Fold)."""
+TOP_TOKENS = 255
+"""Output columns a sketched top signal keeps (plus one for the rest of the mass)."""
+
+
+def calibration_bytes(coupling: Coupling, relations: Collection[int] | None = None
+                      ) -> dict[int, int]:
+    """Bytes the moment sums of each relation will hold (float64), from the layout alone: what
+    staged calibration plans its stages with."""
+    result, linear, _ = _layout(coupling, relations)
+    output_width = _output_width(coupling)
+    out = {}
+    for i in result.x_features:
+        dx = len(result.x_features[i].atom_of_column)
+        rel = coupling.relations[i]
+        dt = (0 if i in linear else min(output_width, TOP_TOKENS + 1) if rel.target == OUTPUT
+              and output_width > TOP_COLUMNS else output_width if rel.target == OUTPUT
+              else len(result.t_features[i].atom_of_column))
+        out[i] = 8 * (dx + dt) * (dx + dt + 1)
+    return out
+
+
+def _output_width(coupling: Coupling) -> int:
+    """The last dim of the model's first output tensor, from the traced shapes."""
+    output = next(n for n in coupling.capture.graph_module.graph.nodes if n.op == "output")
+    for node in tree_leaves(output.args):
+        meta = getattr(node, "meta", {}).get("tensor_meta")
+        if hasattr(meta, "shape") and len(meta.shape):
+            return int(meta.shape[-1])
+    return 1
