@@ -31,6 +31,7 @@ from surgery.cli._common import (
     command_line,
     console,
     criterion_names,
+    default_batch,
     describe_inputs,
     err_console,
     estimator_names,
@@ -92,8 +93,9 @@ def prune(
     calib_samples: Annotated[int, typer.Option(min=1, help="Calibration samples.")] = 512,
     eval_samples: Annotated[int, typer.Option(
         min=0, help="Samples for accuracy (0: skip accuracy).")] = 2000,
-    batch_size: Annotated[int, typer.Option(
-        min=1, help="Batch size for calibration and accuracy.")] = 64,
+    batch_size: Annotated[Optional[int], typer.Option(
+        min=1, help="Batch size for calibration and accuracy (default 64; 8 for causal "
+                    "language models, whose 49k-way outputs per token are large).")] = None,
     latency_batch: Annotated[int, typer.Option(
         min=0, help="Batch size of the latency measurement (0: skip latency).")] = 32,
     recalibrate: Annotated[bool, typer.Option(
@@ -144,7 +146,7 @@ def prune(
     data_opts = dict(tokenizer=loaded.tokenizer, resize=resize, mean=parse_floats(mean, "--mean"),
                      std=parse_floats(std, "--std"), text_column=text_column,
                      label_column=label_column, label2id=label2id_of(loaded.model),
-                     batch_size=batch_size)
+                     batch_size=batch_size or default_batch(loaded.inputs))
     calib, evaluation = _data(data, eval_data, loaded, options, calib_samples, eval_samples,
                               data_opts)
     dense, after, speedup, pruned, plan, seconds = _prune_and_measure(

@@ -87,11 +87,18 @@ def summary_rows(dense: Measurement, pruned: Measurement,
         rows.append([f"accuracy ({pruned.samples or dense.samples} samples, ± standard error)",
                      _accuracy(da, dense.samples), _accuracy(pa, pruned.samples),
                      f"{pa - da:+.4f}" if da is not None and pa is not None else ""])
+    if dense.perplexity is not None or pruned.perplexity is not None:
+        dp, pp = dense.perplexity, pruned.perplexity
+        rows.append([f"perplexity ({(pp or dp).tokens:,} tokens in {(pp or dp).windows} "
+                     "windows, ± standard error)", dp.text() if dp else "n/a",
+                     pp.text() if pp else "n/a",
+                     f"{pp.value / dp.value:.2f}x" if dp and pp else ""])
     if dense.latency_ms is not None or pruned.latency_ms is not None:
         dl, pl = dense.latency_ms, pruned.latency_ms
         change = speedup.text() if speedup is not None else (
             Speedup(dl / pl, dl / pl, dl / pl, 1).text() if dl and pl else "")
-        rows.append([f"latency, batch {pruned.latency_batch or dense.latency_batch} (ms, "
+        what = "prefill latency" if (dense.perplexity or pruned.perplexity) else "latency"
+        rows.append([f"{what}, batch {pruned.latency_batch or dense.latency_batch} (ms, "
                      "median)", "n/a" if dl is None else f"{dl:.2f}",
                      "n/a" if pl is None else f"{pl:.2f}", change])
     return rows
