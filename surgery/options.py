@@ -55,6 +55,14 @@ class PruneOptions:
       its kept inputs (uses the calibration statistics; skipped without them).
     - ``recalibrate``: re-estimate BatchNorm running statistics on the calibration data after
       the cut (no labels, one pass; skipped when there is no BatchNorm or no data).
+    - ``uniform_widths``: every layer keeps the same width per kind (every group of a kind
+      with the same number of atoms keeps as many: the heads of every layer, the FFN neurons
+      of every layer), and only kinds the model's own config can express are cut (plugins say
+      which through ``surgery_config_limits``; the others become unprunable with the reason),
+      so a Hugging Face model saves as a plain folder that ``from_pretrained`` loads without
+      surgery. A BERT's config derives the head size from ``hidden_size``, so only its FFN
+      neurons are cut; HF ViT reads ``head_dim``, so heads and hidden dims are cut too. Needs
+      ``allocation="uniform"`` (a global threshold gives each group its own width).
     """
 
     sparsity: float = 0.5
@@ -73,6 +81,7 @@ class PruneOptions:
     distributed: bool | None = None
     compensate: bool = True
     recalibrate: bool = True
+    uniform_widths: bool = False
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise once, here
@@ -105,6 +114,11 @@ class PruneOptions:
                    for v in (self.round_to, self.min_keep)):
             raise BudgetError(f"round_to and min_keep must be whole numbers >= 1 (got "
                               f"{self.round_to!r}, {self.min_keep!r}).")
+        if self.uniform_widths and self.allocation != "uniform":
+            raise BudgetError(
+                f"uniform_widths=True keeps one width per kind across layers, but "
+                f"allocation={self.allocation!r} gives each group its own width by score; use "
+                "allocation='uniform' with uniform_widths (or drop uniform_widths).")
         if isinstance(self.kind_weights, str) and self.kind_weights not in KIND_WEIGHT_MODES:
             raise BudgetError(f"kind_weights must be a dict {{kind: weight}}, 'search', "
                               f"'uniform' or None, got {self.kind_weights!r}.")
@@ -128,7 +142,7 @@ class PruneOptions:
         return {"kind": self.budget, "scope": list(self.budget_scope),
                 "sparsity": self.sparsity, "allocation": self.allocation,
                 "round_to": self.round_to, "min_keep": self.min_keep,
-                "estimator": self.estimator}
+                "estimator": self.estimator, "uniform_widths": self.uniform_widths}
 
 
 __all__ = ["PruneOptions", "TARGETS", "ALLOCATIONS"]

@@ -2,7 +2,8 @@
 
 After slicing, :func:`update_config` writes the widths the weights imply into ``model.config``;
 :func:`rebuilds` tells whether ``type(model)(config)`` has the model's shapes (then the folder
-is a plain Hugging Face one). The attention modules
+is a plain Hugging Face one); :func:`config_limits` tells, before pruning, which groups a
+config cannot express even at one width per kind (``uniform_widths``). The attention modules
 come in as ``(name, module, layout)`` triples found by :mod:`surgery_plugins.hf_encoders`.
 """
 
@@ -93,4 +94,53 @@ def _build(model: nn.Module, config: Any) -> nn.Module | None:
         return None
 
 
-__all__ = ["is_text_embeddings", "layer_sizes", "update_config", "rebuilds"]
+def reads_head_dim(model: nn.Module, attentions: Attentions) -> bool:
+    """Whether the config sets the head size through ``head_dim`` (HF ViT) instead of deriving
+    it as ``hidden_size / num_attention_heads`` (BERT): only then can a plain config hold cut
+    heads or a cut hidden size. Found by building the architecture, on the meta device, from
+    a config with another ``head_dim``."""
+    name, module, layout = attentions[0]
+    probe = int(getattr(module, layout.head_dim)) + 1
+    config = copy.deepcopy(model.config)
+    config.head_dim = probe
+    fresh = _build(model, config)
+    return fresh is not None and getattr(fresh.get_submodule(name), layout.head_dim) == probe
+
+
+def config_limits(model: nn.Module, groups: list[Any], attentions: Attentions) -> dict[int, str]:
+    """``{group id: why a plain config cannot express it}`` for the prunable ``groups`` of
+    ``model`` cut to one width per kind (see the ``surgery_config_limits`` hook).
+
+    Expressible: FFN neurons (``intermediate_size``), the embedding width where the config
+    has ``embedding_size`` (ELECTRA), and, when the config reads ``head_dim``, heads and the
+    hidden size. Not: other neurons (a pooler or classifier head is ``hidden_size`` wide, with
+    no field of its own) and anything else."""
+    config = type(model.config).__name__
+    head_dim = reads_head_dim(model, attentions)
+    ffn = {(f"{name}.weight", 0) for name, _ in ffn_first_linears(model)}
+    hidden_in = {(f"{name}.{lay.first_projection()}.weight", 1) for name, _, lay in attentions}
+    embedding_field = getattr(model.config, "embedding_size", None) is not None
+    derived = "it derives the head size from hidden_size"
+    limits = {}
+    for g in groups:
+        keys = set(g.slices)
+        if g.kind == "neuron" and keys & ffn:
+            continue
+        if g.kind == "head" or (g.kind == "hidden" and keys & hidden_in):
+            if not head_dim:
+                limits[g.id] = f"kind {g.kind!r} cannot be written in a plain {config}: {derived}"
+            continue
+        if g.kind == "hidden" and embedding_field:
+            continue
+        if g.kind == "neuron":
+            limits[g.id] = (f"kind 'neuron' of {', '.join(g.modules[:1])} cannot be written in "
+                            f"a plain {config}: only FFN neurons have a width field "
+                            "(intermediate_size); these are hidden_size wide")
+        else:
+            limits[g.id] = (f"kind {g.kind!r} cannot be written in a plain {config}: no field "
+                            "holds its width")
+    return limits
+
+
+__all__ = ["is_text_embeddings", "layer_sizes", "update_config", "rebuilds", "reads_head_dim",
+           "config_limits"]

@@ -53,6 +53,7 @@ from surgery.graph.rules.leaves import (
 )
 from surgery.hookspecs import hookimpl
 from surgery_plugins.hf_config import (
+    config_limits,
     is_text_embeddings,
     layer_sizes,
     rebuilds,
@@ -171,6 +172,14 @@ def surgery_group_kind(group: Any, model: nn.Module) -> str | None:
         return None
     kinds.neuron |= {(f"{name}.weight", 0) for name, _ in ffn_first_linears(model)}
     return kinds.kind(group.slices, model)
+
+
+@hookimpl
+def surgery_config_limits(model: nn.Module, groups: list[Any]) -> dict[int, str] | None:
+    if not _is_hf(model) or getattr(model, "config", None) is None:
+        return None
+    attentions = list(attention_modules(model))
+    return config_limits(model, groups, attentions) if attentions else None
 
 
 @hookimpl
