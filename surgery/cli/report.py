@@ -232,8 +232,9 @@ def _html_table(header: list[str], rows: list[list[str]]) -> str:
 
 def write_report(folder: str | Path, *, plan: Any, model: str, command: str,
                  dense: Measurement, pruned: Measurement, settings: dict[str, Any],
-                 seconds: float | None = None) -> list[Path]:
-    """Write ``report.md``, ``report.html``, the plots and ``metrics.json`` into ``folder``."""
+                 seconds: float | None = None, loads: str | None = None) -> list[Path]:
+    """Write ``report.md``, ``report.html``, the plots and ``metrics.json`` into ``folder``;
+    ``loads``: what loads the pruned model's folder (a paragraph after the introduction)."""
     folder = Path(folder)
     try:
         plot_kept(plan, folder / KEPT_PLOT)
@@ -271,13 +272,15 @@ def write_report(folder: str | Path, *, plan: Any, model: str, command: str,
     if plan.extra.get("compensated"):
         intro += (f" {_count(plan.extra['compensated'])} layers reading a cut group refitted by "
                   "least squares.")
+    loading = f"Loading: {loads}." if loads else None
     no_plots = "(No plots: pip install 'model-surgery[plots]' for matplotlib.)"
     cost_img = f"![params and MACs]({COST_PLOT})" if plots else no_plots
     kept_img = f"![kept per group]({KEPT_PLOT})" if plots else no_plots
     cost_tag = f"<img src='{COST_PLOT}' alt='params and MACs'>" if plots else f"<p>{no_plots}</p>"
     kept_tag = f"<img src='{KEPT_PLOT}' alt='kept per group'>" if plots else f"<p>{no_plots}</p>"
 
-    md = [f"# {title}", "", intro, "", "## Before and after", "",
+    md = [f"# {title}", "", intro, "", *([loading, ""] if loading else []),
+          "## Before and after", "",
           _md_table(summary_header, summary_rows(dense, pruned)), "",
           cost_img, "", "## What was cut", "",
           _md_table(["kind", "atoms", "kept", "kept %"], kind_rows), "",
@@ -294,6 +297,7 @@ def write_report(folder: str | Path, *, plan: Any, model: str, command: str,
     h = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
          f"<style>{style}</style></head><body>",
          f"<h1>{html.escape(title)}</h1>", f"<p>{html.escape(intro)}</p>",
+         *([f"<p>{html.escape(loading)}</p>"] if loading else []),
          "<h2>Before and after</h2>", _html_table(summary_header, summary_rows(dense, pruned)),
          cost_tag, "<h2>What was cut</h2>",
          _html_table(["kind", "atoms", "kept", "kept %"], kind_rows),
