@@ -23,6 +23,7 @@ from surgery._core.modes import evaluating
 from surgery.budget.allocate import global_kept, uniform_counts
 from surgery.budget.cost import CostModel
 from surgery.budget.kind_search import output_gap, outputs, search_kind_weights
+from surgery.budget.widths import limit_to_config
 from surgery.counting import count_macs, count_params, node_macs
 from surgery.cut.apply import apply_plan
 from surgery.cut.compensation import apply_refits
@@ -130,6 +131,7 @@ def _decide(model: torch.nn.Module, example_inputs: Any, calib_data: Iterable[An
     when the criterion needs none (compensation uses them)."""
     crit = _criterion(opts, calib_data)
     coupling = _coupling(model, example_inputs, opts)
+    limits = limit_to_config(coupling, model, opts.sparsity) if opts.uniform_widths else []
     cost = CostModel(coupling, node_macs(coupling.capture.graph_module,
                                          coupling.capture.example_args), opts.budget_scope,
                      batch=max(1, rows(example_inputs)))
@@ -140,7 +142,7 @@ def _decide(model: torch.nn.Module, example_inputs: Any, calib_data: Iterable[An
                                "calibration batches: pass calib_data.")
     weights = _kind_weights(opts, model, kinds)
     # uniform_counts validates the weights before calibration spends any time
-    counts = _counts(cost, opts, weights)
+    counts = _counts(cost, opts, weights, limits)
     ctx = ScoreContext(coupling, seed=opts.seed, data=calib_data)
     if opts.sparsity == 0:  # nothing to remove: no statistics, no scores, every atom kept
         kept = {g.id: np.arange(g.atoms) for g in coupling.prunable}
@@ -160,8 +162,9 @@ def _decide(model: torch.nn.Module, example_inputs: Any, calib_data: Iterable[An
 
     def choose(w: dict[str, float] | None) -> tuple[dict, dict]:
         ctx.kept = {}
-        kept, scores = top_down(crit, ctx, counts if w is weights else _counts(cost, opts, w),
-                                progress=_stage(progress, "score"), stages=stages)
+        targets = counts if w is weights else _counts(cost, opts, w, limits)
+        kept, scores = top_down(crit, ctx, targets, progress=_stage(progress, "score"),
+                                stages=stages)
         if opts.allocation == "global":
             kept = global_kept(cost, scores, opts.sparsity, opts.budget,
                                round_to=opts.round_to, min_keep=opts.min_keep)
@@ -271,10 +274,12 @@ def _kind_weights(opts: PruneOptions, model: torch.nn.Module, kinds: list[str]
     return dict(opts.kind_weights)
 
 
-def _counts(cost: CostModel, opts: PruneOptions, weights: dict[str, float] | None
-            ) -> dict[int, int]:
+def _counts(cost: CostModel, opts: PruneOptions, weights: dict[str, float] | None,
+            limits: list[str]) -> dict[int, int]:
+    """Atoms kept per group; ``limits``: why uniform_widths spared groups."""
     return uniform_counts(cost, opts.sparsity, opts.budget, round_to=opts.round_to,
-                          min_keep=opts.min_keep, kind_weights=weights)
+                          min_keep=opts.min_keep, kind_weights=weights,
+                          uniform_widths=opts.uniform_widths, spared=tuple(limits))
 
 
 def _stage(progress: Progress | None, stage: str) -> Callable[[int], None] | None:

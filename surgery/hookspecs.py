@@ -70,6 +70,21 @@ def surgery_kind_weights(model: torch.nn.Module, kinds: list[str]) -> dict[str, 
     returning weights wins; ``kind_weights=`` in the call overrides them."""
 
 
+@hookspec(firstresult=True)
+def surgery_config_limits(model: torch.nn.Module, groups: list[Any]) -> dict[int, str] | None:
+    """Which of ``model``'s prunable ``groups`` its own config cannot express once cut, for a
+    model whose config describes its widths (a Hugging Face model saved as config.json plus
+    weights): ``{group.id: reason}``, ``{}`` when the config expresses them all, None when the
+    plugin does not know ``model`` (the first answer wins).
+
+    Asked only under ``uniform_widths=True``, where every layer keeps the same width per kind,
+    so the question is whether a config field holds that width: a BERT config derives the head
+    size from ``hidden_size``, so its heads and hidden dims cannot be cut (the reason says so,
+    e.g. "kind 'head' cannot be written in a plain BertConfig: it derives the head size from
+    hidden_size"), and a pooler's neurons have no field of their own. The groups named become
+    unprunable with that reason; the pruned model then rebuilds from its updated config."""
+
+
 @hookspec
 def surgery_fix_module(name: str, module: torch.nn.Module, model: torch.nn.Module) -> None:
     """Update ``module``'s attributes after its parameters were sliced (e.g. ``num_heads``).

@@ -138,8 +138,10 @@ def _html_table(header: list[str], rows: list[list[str]]) -> str:
 
 def write_report(folder: str | Path, *, plan: Any, model: str, command: str,
                  dense: Measurement, pruned: Measurement, settings: dict[str, Any],
-                 seconds: float | None = None, speedup: Speedup | None = None) -> list[Path]:
-    """Write ``report.md``, ``report.html``, the plots and ``metrics.json`` into ``folder``."""
+                 seconds: float | None = None, speedup: Speedup | None = None,
+                 loads: str | None = None) -> list[Path]:
+    """Write ``report.md``, ``report.html``, the plots and ``metrics.json`` into ``folder``;
+    ``loads``: what loads the pruned model's folder (a paragraph after the introduction)."""
     folder = Path(folder)
     try:
         plot_kept(plan, folder / KEPT_PLOT)
@@ -181,13 +183,15 @@ def write_report(folder: str | Path, *, plan: Any, model: str, command: str,
     if fallbacks:
         intro += (f" {len(fallbacks)} group(s) could not be scored as asked: "
                   + "; ".join(f"`{name}`: {why}" for name, why in fallbacks.items()) + ".")
+    loading = f"Loading: {loads}." if loads else None
     no_plots = "(No plots: pip install 'model-surgery[plots]' for matplotlib.)"
     cost_img = f"![params and MACs]({COST_PLOT})" if plots else no_plots
     kept_img = f"![kept per group]({KEPT_PLOT})" if plots else no_plots
     cost_tag = f"<img src='{COST_PLOT}' alt='params and MACs'>" if plots else f"<p>{no_plots}</p>"
     kept_tag = f"<img src='{KEPT_PLOT}' alt='kept per group'>" if plots else f"<p>{no_plots}</p>"
 
-    md = [f"# {title}", "", intro, "", "## Before and after", "",
+    md = [f"# {title}", "", intro, "", *([loading, ""] if loading else []),
+          "## Before and after", "",
           _md_table(summary_header, summary_rows(dense, pruned, speedup)), "",
           cost_img, "", "## What was cut", "",
           _md_table(["kind", "atoms", "kept", "kept %"], kind_rows), "",
@@ -205,6 +209,7 @@ def write_report(folder: str | Path, *, plan: Any, model: str, command: str,
     h = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
          f"<style>{style}</style></head><body>",
          f"<h1>{html.escape(title)}</h1>", f"<p>{_inline_html(intro)}</p>",
+         *([f"<p>{_inline_html(loading)}</p>"] if loading else []),
          "<h2>Before and after</h2>",
          _html_table(summary_header, summary_rows(dense, pruned, speedup)),
          cost_tag, "<h2>What was cut</h2>",

@@ -69,20 +69,33 @@ def _linear(module: nn.Module, name: str | None) -> nn.Linear | None:
 
 
 def matches(module: nn.Module, layout: HeadLayout, sizes: bool = True) -> bool:
-    """Whether ``module`` has the children and attributes ``layout`` names (and, with
-    ``sizes``, projections of ``heads * head_dim`` rows: false after slicing, before the fix)."""
+    """Whether ``module`` is an attention module with ``layout``, judged from the module alone.
+
+    Structure: the children and integer attributes ``layout`` names, q/k/v projections of as
+    many rows each, a multiple of ``head_dim`` (a fused qkv: of ``3 * head_dim``), and an
+    inside output projection reading exactly the value rows. This holds before and after
+    heads are cut, so fix-ups recognise a pruned module in a process that never traced it.
+    With ``sizes``, the rows must also be ``heads * head_dim``: the module is consistent, as
+    the channel rule needs (it reshapes the rows into its head count); a sliced module is
+    consistent only once :func:`fix_attention` has run."""
     names = [layout.qkv] if layout.qkv else [layout.q, layout.k, layout.v]
-    if any(_linear(module, n) is None for n in names):
+    projections = [_linear(module, n) for n in names]
+    if any(p is None for p in projections):
         return False
-    if layout.out and _linear(module, layout.out) is None:
+    out = _linear(module, layout.out)
+    if layout.out and out is None:
         return False
-    if not all(isinstance(getattr(module, a, None), int) for a in (layout.heads, layout.head_dim)):
+    heads, dim = (getattr(module, a, None) for a in (layout.heads, layout.head_dim))
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in (heads, dim)):
         return False
-    if not sizes:
-        return True
-    heads, dim = getattr(module, layout.heads), getattr(module, layout.head_dim)
-    rows = _linear(module, names[0]).out_features
-    return rows == heads * dim * (3 if layout.qkv else 1)
+    rows = {p.out_features for p in projections}  # type: ignore[union-attr]
+    per_head = dim * (3 if layout.qkv else 1)
+    if len(rows) != 1 or next(iter(rows)) % per_head:
+        return False
+    value_rows = next(iter(rows)) // (3 if layout.qkv else 1)
+    if out is not None and out.in_features != value_rows:
+        return False
+    return not sizes or value_rows == heads * dim
 
 
 # ---------------------------------------------------------------------------------------
