@@ -1,0 +1,404 @@
+"""Decoder LLMs (``surgery_plugins.decoder_llms``): Llama, SmolLM, Mistral, Qwen2, Qwen3,
+Gemma 2, Gemma 3, Phi-3, GPT-2, GPT-NeoX and OPT, as real ``transformers`` causal LMs with
+tiny random configs (``helpers.decoder_zoo``).
+
+Per family: keeping everything reproduces the logits exactly; 30% cuts (magnitude, and MI
+with calibration batches) and a hand-made plan with different widths in each layer run;
+``generate()`` with the KV cache gives the tokens of greedy decoding without cache and of a
+plain forward-argmax loop; sdpa and eager agree; left padding is masked; save/load rebuilds
+the model in a fresh process. Then the atoms of a Llama, query-slot atoms, a planted copy of a
+KV group cut by MI, and Gemma's scaled embeddings.
+"""
+
+from __future__ import annotations
+
+import copy
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+import surgery
+from helpers.decoder_zoo import (
+    FAMILIES,
+    GQA_FAMILIES,
+    LENGTHS,
+    calibration,
+    check_widths,
+    inputs,
+    logits,
+    make,
+)
+from surgery.cut.apply import apply_plan
+from surgery.cut.plan import build_plan
+from surgery_plugins.decoder_llms import gqa_atoms
+
+_COUPLED: dict[str, tuple] = {}
+_PRUNED: dict[tuple[str, str], tuple] = {}
+
+
+def coupled(name: str):
+    """(model, example inputs, coupling), built once per session; tests must not change them."""
+    if name not in _COUPLED:
+        model = make(name)
+        x = inputs()
+        _COUPLED[name] = (model, x, surgery.couple(model, x))
+    return _COUPLED[name]
+
+
+def _uneven(coupling) -> dict[int, list[int]]:
+    """Different widths in each layer: layer 0 keeps its last KV group (last two heads of a
+    multi-head model), layer 1 both KV groups (all heads but the first); FFNs keep every other
+    channel and the first 100; three quarters of the hidden dims stay."""
+    heads = [g for g in coupling.prunable if g.kind == "head"]
+    ffns = [g for g in coupling.prunable if g.kind == "neuron"]
+    second = heads[1].atoms
+    kept = {heads[0].id: list(range(heads[0].atoms))[-max(1, heads[0].atoms // 2):],
+            heads[1].id: list(range(second > 2, second)),
+            ffns[0].id: list(range(0, ffns[0].atoms, 2)), ffns[1].id: list(range(100))}
+    for g in coupling.prunable:
+        if g.kind == "hidden":
+            kept[g.id] = [i for i in range(g.atoms) if i % 4]
+    return kept
+
+
+def pruned(name: str, how: str):
+    """(plan, pruned model) of ``name`` cut 30% of its parameters by magnitude (every kind at
+    the same rate) or by MI (the plugin's kind weights), or by the uneven plan."""
+    if (name, how) not in _PRUNED:
+        model, x, c = coupled(name)
+        if how == "uneven":
+            plan = build_plan(c, _uneven(c), criterion="test", target="output", budget={})
+            _PRUNED[name, how] = (plan, apply_plan(model, plan, x))
+        elif how == "magnitude":
+            small, plan = surgery.prune(model, x, sparsity=0.3, budget="params",
+                                        criterion="magnitude", kind_weights="uniform")
+            _PRUNED[name, how] = (plan, small)
+        else:
+            small, plan = surgery.prune(model, x, calibration(), sparsity=0.3, budget="params")
+            _PRUNED[name, how] = (plan, small)
+    return _PRUNED[name, how]
+
+
+def params(model: torch.nn.Module) -> int:
+    return sum(p.numel() for p in {id(p): p for p in model.parameters()}.values())
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """The position ids ``generate`` gives a left-padded batch."""
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
+# ---------------------------------------------------------------------------------------
+# Every family
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_keep_all_reproduces_the_logits_exactly(name):
+    model, x, c = coupled(name)
+    assert not c.propagation.opaque, c.propagation.opaque
+    kinds = {g.kind for g in c.prunable}
+    assert kinds == {"head", "neuron", "hidden"}, [(g.name, g.kind, g.reason) for g in c.groups]
+    same, _ = surgery.prune(model, x, sparsity=0.0, criterion="magnitude", compensate=False)
+    assert torch.equal(logits(same, x), logits(model, x))
+    traced = c.capture.graph_module(*c.capture.example_args)["logits"]
+    assert torch.equal(traced, logits(model, x))
+
+
+@pytest.mark.parametrize("how", ["magnitude", "mi"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_a_30_percent_cut_runs(name, how):
+    model, x, _ = coupled(name)
+    plan, small = pruned(name, how)
+    assert 0.25 <= 1 - params(small) / params(model) <= 0.35
+    out = logits(small, x)
+    assert out.shape == logits(model, x).shape and torch.isfinite(out).all()
+    cut = {g.kind for g in plan.groups if len(g.kept) < g.atoms}
+    assert cut >= ({"neuron", "hidden"} if how == "magnitude" else {"neuron"}), cut
+    if how == "mi":
+        assert "fallbacks" not in plan.extra, plan.extra.get("fallbacks")
+    check_widths(small)
+
+
+def _greedy_loop(model: torch.nn.Module, x: dict, steps: int) -> torch.Tensor:
+    """Greedy decoding by plain forwards over the whole sequence (no cache), with the
+    position ids ``generate`` gives left-padded rows; a row that emitted the end-of-sequence
+    token continues with padding, as in ``generate``."""
+    ids, mask = x["input_ids"], x["attention_mask"]
+    eos = model.generation_config.eos_token_id
+    done = torch.zeros(len(ids), dtype=torch.bool)
+    for _ in range(steps):
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
+                        use_cache=False).logits
+        nxt = out[:, -1].argmax(-1).masked_fill(done, 0)
+        done |= nxt == eos
+        ids = torch.cat([ids, nxt[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    return ids
+
+
+@pytest.mark.parametrize("how", ["mi", "uneven"])
+@pytest.mark.parametrize("name", FAMILIES)
+def test_generate_with_the_cache_matches_greedy_decoding(name, how):
+    _, x, _ = coupled(name)
+    _, small = pruned(name, how)
+    settings = dict(max_new_tokens=6, do_sample=False, pad_token_id=0)
+    with torch.no_grad():
+        cached = small.generate(**x, **settings)
+        uncached = small.generate(**x, use_cache=False, **settings)
+    assert torch.equal(cached, uncached)
+    assert torch.equal(cached, _greedy_loop(small, x, 6))
+
+
+@pytest.mark.parametrize("name", FAMILIES)
+def test_sdpa_and_eager_agree_and_padding_is_masked(name):
+    _, x, _ = coupled(name)
+    _, small = pruned(name, "uneven")
+    check_widths(small)
+    pos = positions(x["attention_mask"])
+    eager = copy.deepcopy(small)
+    eager.set_attn_implementation("eager")
+    for module in eager.modules():  # per-layer config views follow the shared config
+        if hasattr(module, "config"):
+            assert module.config._attn_implementation == "eager"
+    reference = logits(eager, x, position_ids=pos)
+    real = x["attention_mask"].bool()  # padding positions attend to nothing: undefined
+    if type(small)._supports_sdpa:
+        sdpa = copy.deepcopy(small)
+        sdpa.set_attn_implementation("sdpa")
+        assert (logits(sdpa, x, position_ids=pos) - reference)[real].abs().max().item() < 1e-5
+    # each left-padded row computes what that row computes alone, unpadded
+    n = max(LENGTHS)
+    for row, length in enumerate(LENGTHS):
+        alone = {k: v[row:row + 1, n - length:] for k, v in x.items()}
+        got = logits(eager, alone)[0]
+        assert (got - reference[row, n - length:]).abs().max().item() < 1e-4, row
+
+
+_LOAD_SCRIPT = """
+import sys, torch
+from helpers.decoder_zoo import check_widths
+from surgery import io
+for folder in sys.argv[1:]:
+    model = io.load(folder)
+    x, expected = torch.load(folder + ".pt")
+    with torch.no_grad():
+        got = model(**x).logits
+    assert torch.equal(got, expected), (folder, (got - expected).abs().max())
+    check_widths(model)
+    print("ok", folder)
+"""
+
+
+def test_save_and_load_in_a_fresh_process(tmp_path):
+    folders = []
+    for name in FAMILIES:
+        dense, x, _ = coupled(name)
+        for how in ("uneven", "mi"):
+            plan, small = pruned(name, how)
+            folder = tmp_path / f"{name}-{how}"
+            surgery.io.save(small, folder, plan, dense)
+            torch.save((x, logits(small, x)), f"{folder}.pt")
+            folders.append(str(folder))
+    tests = Path(__file__).resolve().parents[1]
+    env = {**os.environ, "PYTHONPATH": str(tests), "OMP_NUM_THREADS": "1"}
+    out = subprocess.run([sys.executable, "-c", _LOAD_SCRIPT, *folders], env=env,
+                         capture_output=True, text=True, timeout=300, cwd=tests.parent)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert out.stdout.count("ok ") == len(folders)
+
+
+# ---------------------------------------------------------------------------------------
+# The atoms of a Llama (SmolLM: tied LM head)
+# ---------------------------------------------------------------------------------------
+
+
+def _positions(group, key) -> list[list[int]]:
+    return [a.tolist() for a in group.slices[key]]
+
+
+def test_llama_groups_are_kv_groups_ffn_channels_and_one_hidden_stream():
+    _, _, c = coupled("smollm")
+    heads = [g for g in c.groups if g.kind == "head"]
+    assert [g.name for g in heads] == [f"model.layers.{i}.self_attn" for i in range(2)]
+    for i, g in enumerate(heads):
+        p = f"model.layers.{i}.self_attn"
+        assert g.prunable and g.atoms == 2  # two KV groups of two query heads each
+        assert _positions(g, (f"{p}.q_proj.weight", 0)) == [list(range(32)), list(range(32, 64))]
+        for kv in ("k_proj", "v_proj"):
+            assert _positions(g, (f"{p}.{kv}.weight", 0)) == [list(range(16)),
+                                                              list(range(16, 32))]
+        assert _positions(g, (f"{p}.o_proj.weight", 1)) == [list(range(32)), list(range(32, 64))]
+        readers = [r.reader for r in c.relations if r.group == g.id]
+        assert readers == [f"{p}.o_proj"]  # scored by MI at o_proj's input, refitted there
+    ffns = [g for g in c.groups if g.kind == "neuron"]
+    for i, g in enumerate(ffns):
+        p = f"model.layers.{i}.mlp"
+        assert g.prunable and g.atoms == 128 and g.name == f"{p}.gate_proj (+1)"
+        assert set(g.slices) == {(f"{p}.gate_proj.weight", 0), (f"{p}.up_proj.weight", 0),
+                                 (f"{p}.down_proj.weight", 1)}
+    (hidden,) = [g for g in c.groups if g.kind == "hidden"]
+    assert hidden.prunable and hidden.atoms == 64 and hidden.name == "model.embed_tokens (+4)"
+    assert {("lm_head.weight", 1), ("model.embed_tokens.weight", 1), ("model.norm.weight", 0),
+            ("model.layers.1.post_attention_layernorm.weight", 0),
+            ("model.layers.0.self_attn.k_proj.weight", 1),
+            ("model.layers.0.self_attn.o_proj.weight", 0),
+            ("model.layers.1.mlp.down_proj.weight", 0)} <= set(hidden.slices)
+    assert len(c.prunable) == 5  # and nothing else: the vocabulary is the model's output
+
+
+def test_decoders_get_the_transformer_kind_weights():
+    from surgery.plugins._manager import call_hook
+
+    model, _, _ = coupled("llama")
+    weights = call_hook("surgery_kind_weights", model=model, kinds=["head", "neuron", "hidden"])
+    assert weights == {"neuron": 1.0, "head": 0.5, "hidden": 0.1}
+
+
+@pytest.mark.parametrize("name", ["llama", "phi3"])
+def test_query_slot_atoms_keep_the_kv_heads(name):
+    model, x = make(name), inputs()
+    with gqa_atoms("query"):
+        c = surgery.couple(model, x)
+    heads = [g for g in c.groups if g.kind == "head"]
+    slots = [g for g in heads if g.prunable]
+    kv = [g for g in heads if not g.prunable]
+    assert len(slots) == 2 and all(g.atoms == 2 for g in slots)  # slot j of both KV groups
+    q = next(k for k in slots[0].slices if ".q_proj." in k[0] or ".qkv_proj." in k[0])
+    assert _positions(slots[0], q) == [list(range(16)) + list(range(32, 48)),
+                                       list(range(16, 32)) + list(range(48, 64))]
+    assert len(kv) == 2 and all("key/value heads" in g.reason for g in kv)
+    plan = build_plan(c, {g.id: [1] for g in slots}, criterion="test", target="output",
+                      budget={})
+    small = apply_plan(model, plan, x)
+    attention = small.model.layers[0].self_attn
+    assert attention.num_key_value_groups == 1  # two KV heads, one query head each
+    sizes = check_widths(small)
+    assert sizes["q"] == [2, 2] and sizes["kv"] == [2, 2]
+    with torch.no_grad():
+        out = small.generate(**x, max_new_tokens=4, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, _greedy_loop(small, x, 4))
+
+
+def test_gqa_atoms_mode_is_checked():
+    with pytest.raises(ValueError, match="'kv' or 'query'"):
+        with gqa_atoms("heads"):
+            pass
+
+
+# ---------------------------------------------------------------------------------------
+# MI: a planted copy of a kept KV group goes; the output projection is refitted
+# ---------------------------------------------------------------------------------------
+
+
+def _llama_with_copied_kv_group():
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=8,
+                         num_key_value_heads=4, head_dim=8, intermediate_size=128,
+                         vocab_size=200, max_position_embeddings=64, pad_token_id=0)
+    model = LlamaForCausalLM(config).eval()
+    attention = model.model.layers[0].self_attn
+    q, kv = 16, 8  # rows of one KV group: two query heads of 8, one key/value head of 8
+    with torch.no_grad():
+        for proj, rows in ((attention.q_proj, q), (attention.k_proj, kv), (attention.v_proj, kv)):
+            proj.weight[:rows] *= 3
+            proj.weight[rows:2 * rows] = proj.weight[:rows]
+        attention.o_proj.weight[:, :q] *= 3
+        attention.o_proj.weight[:, q:2 * q] = attention.o_proj.weight[:, :q]
+    return model
+
+
+def test_a_copied_kv_group_is_cut_by_mi_and_o_proj_refitted():
+    model = _llama_with_copied_kv_group()
+    x = inputs()
+    c = surgery.couple(model, x)
+    group = next(g for g in c.groups if g.name == "model.layers.0.self_attn")
+    assert group.atoms == 4
+    options = surgery.PruneOptions(sparsity=0.5, budget="params", kinds={"head"},
+                                   budget_scope=("model.layers.0.self_attn",
+                                                 "model.layers.1.self_attn"))
+    small, plan = surgery.prune(model, x, calibration(12), options=options)
+    kept = next(g.kept for g in plan.groups if g.id == group.id)
+    assert 1 <= len(kept) < 4 and len({0, 1} & set(kept)) == 1, kept
+    assert "fallbacks" not in plan.extra, plan.extra.get("fallbacks")
+    assert "model.layers.0.self_attn.o_proj" in plan.extra["compensated"]
+    check_widths(small)
+    by_magnitude = surgery.make_plan(model, x, options=options, criterion="magnitude")
+    assert {0, 1} <= set(next(g.kept for g in by_magnitude.groups if g.id == group.id))
+
+
+# ---------------------------------------------------------------------------------------
+# Gemma's scaled embeddings
+# ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("name", ["gemma2", "gemma3"])
+def test_gemma_hidden_cut_survives_a_rebuild_from_its_config(name, tmp_path):
+    from transformers import AutoModelForCausalLM
+
+    model, x, c = coupled(name)
+    kept = {g.id: list(range(g.atoms // 2)) if g.kind != "hidden" else list(range(48))
+            for g in c.prunable}
+    plan = build_plan(c, kept, criterion="test", target="output", budget={})
+    small = apply_plan(model, plan, x)
+    embeddings = small.get_input_embeddings()
+    assert embeddings.scalar_embed_scale == pytest.approx(48 ** 0.5)  # sqrt of the new width
+    assert getattr(small.config, "surgery_layer_sizes", None) is None
+    check_widths(small)
+    small.save_pretrained(tmp_path)  # a fresh model from the pruned config computes the same
+    rebuilt = AutoModelForCausalLM.from_pretrained(tmp_path).eval()
+    assert (logits(rebuilt, x) - logits(small, x)).abs().max().item() < 1e-5
+    folder = surgery.io.save(small, tmp_path / "saved", plan, model)
+    assert "config.json" in os.listdir(folder)
+    assert torch.equal(logits(surgery.io.load(folder), x), logits(small, x))
+
+
+def test_gemma_rescaled_embeddings_compute_what_the_plain_cut_computes():
+    """The rescaling is a reparametrisation: the plain slice of the dense weights (scale
+    sqrt(64) kept) and the rescaled model (table times sqrt(64/48), scale sqrt(48), tied
+    head's final norm divided back) give the same logits."""
+    from surgery_plugins import decoder_config
+
+    model, x, c = coupled("gemma2")
+    kept = {g.id: [i for i in range(64) if i % 4] for g in c.prunable if g.kind == "hidden"}
+    plan = build_plan(c, kept, criterion="test", target="output", budget={})
+    small = apply_plan(model, plan, x)
+    plain, done = copy.deepcopy(model), set()
+    with torch.no_grad():
+        for name, dims in plan.keep.items():
+            owner, _, attr = name.rpartition(".")
+            tensor = plain.get_submodule(owner)._parameters[attr]
+            if id(tensor) in done:  # the tied head: one tensor
+                continue
+            done.add(id(tensor))
+            for dim, positions in dims.items():
+                tensor.data = tensor.data.index_select(dim, torch.as_tensor(positions))
+    assert plain.get_input_embeddings().scalar_embed_scale == 64 ** 0.5
+    with torch.no_grad():  # the plain slice runs: every module reads its widths from weights
+        reference = plain(**x).logits
+    assert (logits(small, x) - reference).abs().max().item() < 1e-5
+    assert decoder_config.describes(small)
+
+
+def test_scaled_embeddings_without_a_final_norm_are_frozen():
+    model = make("gemma2")
+    model.model.norm = torch.nn.Identity()  # nowhere to fold the tied head's factor into
+    c = surgery.couple(model, inputs())
+    (hidden,) = [g for g in c.groups if g.kind == "hidden"]
+    assert not hidden.prunable and hidden.reason == "frozen module model.embed_tokens"
+    assert {g.kind for g in c.prunable} == {"head", "neuron"}
+
+
+def test_gqa_families_really_have_grouped_heads():
+    for name in GQA_FAMILIES:
+        sizes = check_widths(make(name))
+        assert sizes["q"] == [4, 4] and sizes["kv"] == [2, 2], name
+    assert np.all(check_widths(make("gpt2"))["kv"] == [4, 4])
