@@ -26,10 +26,25 @@ from surgery.graph.groups import Coupling, Relation
 from surgery.stats.calibration import Calibration
 
 
+def transposed_linear(module: torch.nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2): ``y = x @ W + b`` with ``W`` stored ``[in, out]``,
+    recognised by its ``nx``/``nf`` attributes matching the weight."""
+    w = getattr(module, "weight", None)
+    return (type(module).__name__ == "Conv1D" and isinstance(w, torch.Tensor) and w.ndim == 2
+            and (getattr(module, "nx", None), getattr(module, "nf", None)) == tuple(w.shape))
+
+
+def reader_weight(module: torch.nn.Module) -> torch.Tensor:
+    """A reader's weight laid out ``[out, in, *kernel]`` (a view: writing it writes the
+    parameter)."""
+    return module.weight.t() if transposed_linear(module) else module.weight
+
+
 def weighted_reader(gm: fx.GraphModule, rel: Relation
                     ) -> tuple[str | None, torch.nn.Module | None]:
     """The conv/linear module that reads a relation's group: its ``reader`` inside a leaf, or
-    the module its layer node calls (None, None for functional readers)."""
+    the module its layer node calls (None, None for functional readers). Linear layers stored
+    transposed count (:func:`transposed_linear`; :func:`reader_weight` lays them out)."""
     if rel.reader is not None:
         name = rel.reader
     else:
@@ -38,7 +53,7 @@ def weighted_reader(gm: fx.GraphModule, rel: Relation
             return None, None
         name = node.target
     module = gm.get_submodule(name)
-    if isinstance(module, torch.nn.Linear):
+    if isinstance(module, torch.nn.Linear) or transposed_linear(module):
         return name, module
     if isinstance(module, torch.nn.modules.conv._ConvNd) and module.groups == 1:
         return name, module
@@ -81,7 +96,7 @@ def compensate(model: torch.nn.Module, coupling: Coupling, calibration: Calibrat
         k_pos = torch.as_tensor(feats.positions[keep_mask], device=module.weight.device)
         r_pos = torch.as_tensor(feats.positions[~keep_mask], device=module.weight.device)
         with torch.no_grad():
-            w = module.weight
+            w = reader_weight(module)
             w_r = w.index_select(1, r_pos).double()  # (out, R, *kernel)
             a_dev = a.to(w.device)
             delta = torch.einsum("or...,rk->ok...", w_r, a_dev)

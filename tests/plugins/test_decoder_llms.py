@@ -297,42 +297,77 @@ def test_gqa_atoms_mode_is_checked():
 # ---------------------------------------------------------------------------------------
 
 
-def _llama_with_copied_kv_group():
-    from transformers import LlamaConfig, LlamaForCausalLM
+def _rows_view(module: torch.nn.Module) -> torch.Tensor:
+    """A projection's weight as ``[out, in]`` (GPT-2's Conv1D stores it transposed)."""
+    return module.weight.t() if type(module).__name__ == "Conv1D" else module.weight
 
-    torch.manual_seed(0)
-    config = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=8,
-                         num_key_value_heads=4, head_dim=8, intermediate_size=128,
-                         vocab_size=200, max_position_embeddings=64, pad_token_id=0)
-    model = LlamaForCausalLM(config).eval()
-    attention = model.model.layers[0].self_attn
-    q, kv = 16, 8  # rows of one KV group: two query heads of 8, one key/value head of 8
+
+def _with_copied_kv_group(family: str):
+    """Layer 0's KV group 0 made strong and group 1 an exact copy of it (query, key and value
+    rows, output-projection columns): magnitude keeps both, joint MI only one. Llama with
+    eight query heads of 8 in four KV groups; GPT-2 with four heads (a group is one head)."""
+    if family == "gpt2":
+        model = make("gpt2")
+        attention = model.transformer.h[0].attn
+        parts = [(_rows_view(attention.c_attn), 64 * p, 16) for p in range(3)]
+        out, width = _rows_view(attention.c_proj), 16
+        name = "transformer.h.0.attn"
+    else:
+        from transformers import LlamaConfig, LlamaForCausalLM
+
+        torch.manual_seed(0)
+        config = LlamaConfig(hidden_size=64, num_hidden_layers=2, num_attention_heads=8,
+                             num_key_value_heads=4, head_dim=8, intermediate_size=128,
+                             vocab_size=200, max_position_embeddings=64, pad_token_id=0)
+        model = LlamaForCausalLM(config).eval()
+        attention = model.model.layers[0].self_attn
+        # rows of one KV group: two query heads of 8, one key/value head of 8
+        parts = [(attention.q_proj.weight, 0, 16), (attention.k_proj.weight, 0, 8),
+                 (attention.v_proj.weight, 0, 8)]
+        out, width = attention.o_proj.weight, 16
+        name = "model.layers.0.self_attn"
     with torch.no_grad():
-        for proj, rows in ((attention.q_proj, q), (attention.k_proj, kv), (attention.v_proj, kv)):
-            proj.weight[:rows] *= 3
-            proj.weight[rows:2 * rows] = proj.weight[:rows]
-        attention.o_proj.weight[:, :q] *= 3
-        attention.o_proj.weight[:, q:2 * q] = attention.o_proj.weight[:, :q]
-    return model
+        for w, base, rows in parts:
+            w[base:base + rows] *= 3
+            w[base + rows:base + 2 * rows] = w[base:base + rows]
+        out[:, :width] *= 3
+        out[:, width:2 * width] = out[:, :width]
+    return model, name, name + (".c_proj" if family == "gpt2" else ".o_proj")
 
 
-def test_a_copied_kv_group_is_cut_by_mi_and_o_proj_refitted():
-    model = _llama_with_copied_kv_group()
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_a_copied_kv_group_is_cut_by_mi_and_the_output_projection_refitted(family):
+    model, attention, out_proj = _with_copied_kv_group(family)
     x = inputs()
     c = surgery.couple(model, x)
-    group = next(g for g in c.groups if g.name == "model.layers.0.self_attn")
-    assert group.atoms == 4
+    group = next(g for g in c.groups if g.name == attention)
+    assert group.atoms == 4 and out_proj in [r.reader for r in c.relations if r.group == group.id]
+    layers = (attention, attention.replace(".0.", ".1."))
     options = surgery.PruneOptions(sparsity=0.5, budget="params", kinds={"head"},
-                                   budget_scope=("model.layers.0.self_attn",
-                                                 "model.layers.1.self_attn"))
+                                   budget_scope=layers)
     small, plan = surgery.prune(model, x, calibration(12), options=options)
     kept = next(g.kept for g in plan.groups if g.id == group.id)
     assert 1 <= len(kept) < 4 and len({0, 1} & set(kept)) == 1, kept
     assert "fallbacks" not in plan.extra, plan.extra.get("fallbacks")
-    assert "model.layers.0.self_attn.o_proj" in plan.extra["compensated"]
+    assert out_proj in plan.extra["compensated"]
     check_widths(small)
     by_magnitude = surgery.make_plan(model, x, options=options, criterion="magnitude")
     assert {0, 1} <= set(next(g.kept for g in by_magnitude.groups if g.id == group.id))
+
+
+def test_compensation_refits_a_transposed_conv1d_projection():
+    """GPT-2's c_proj stores its weight [in, out]: the refit must land on the right axis, so
+    the compensated cut is closer to the dense output than the plain one."""
+    model, x = make("gpt2"), inputs()
+    options = dict(sparsity=0.2, budget="params", kinds={"head"}, criterion="magnitude")
+    calib = calibration(8)
+    plain, _ = surgery.prune(model, x, calib, compensate=False, **options)
+    refit, plan = surgery.prune(model, x, calib, **options)
+    assert "transformer.h.0.attn.c_proj" in plan.extra["compensated"]
+    batch = calibration(1, seed=99)[0]
+    dense = logits(model, batch)
+    error = [(logits(m, batch) - dense).pow(2).mean().item() for m in (plain, refit)]
+    assert error[1] < error[0], error
 
 
 # ---------------------------------------------------------------------------------------
