@@ -437,3 +437,32 @@ def test_gqa_families_really_have_grouped_heads():
         sizes = check_widths(make(name))
         assert sizes["q"] == [4, 4] and sizes["kv"] == [2, 2], name
     assert np.all(check_widths(make("gpt2"))["kv"] == [4, 4])
+
+
+# ---------------------------------------------------------------------------------------
+# A layout the rule does not describe is refused, naming the module
+# ---------------------------------------------------------------------------------------
+
+
+def test_attention_with_tensors_its_layout_does_not_name_is_refused():
+    """OLMo 2 normalises q and k over all heads at once (norm weights of heads x head_dim):
+    cutting a head would leave them unsliced, so its attention is refused (opaque, every
+    channel through it frozen, the reason naming the module and the tensor) while the FFN
+    channels are still cut."""
+    from transformers import Olmo2Config, Olmo2ForCausalLM
+
+    from helpers.decoder_zoo import GQA
+
+    torch.manual_seed(0)
+    model = Olmo2ForCausalLM(Olmo2Config(**GQA)).eval()
+    x = inputs()
+    c = surgery.couple(model, x)
+    reason = c.propagation.opaque["model_layers_0_self_attn"]
+    assert "model.layers.0.self_attn" in reason and "q_norm.weight (64,)" in reason
+    assert not any(g.prunable for g in c.groups if g.kind in ("head", "hidden"))
+    assert {g.kind for g in c.prunable} == {"neuron"}
+    small, _ = surgery.prune(model, x, sparsity=0.2, budget="params", criterion="magnitude")
+    assert small.model.layers[0].mlp.up_proj.out_features < 128
+    with torch.no_grad():
+        out = small.generate(**x, max_new_tokens=3, do_sample=False, pad_token_id=0)
+    assert torch.equal(out, _greedy_loop(small, x, 3))

@@ -1,5 +1,5 @@
-"""Rules for modules kept whole as fx leaves whose layout is known: multi-head attention and
-embeddings.
+"""Rules for modules kept whole as fx leaves whose layout is known: multi-head attention (and
+embeddings, :mod:`surgery.graph.rules.embeddings`).
 
 fx cannot trace the attention modules of current Hugging Face and timm models well: their
 forwards unpack traced shapes (``(*input_shape, -1, head_dim)``), dispatch through attention
@@ -26,10 +26,12 @@ Projections are ``nn.Linear`` or modules with a 2-d ``weight`` stored transposed
 laid out part by part (``[q heads | k heads | v heads]``, GQA allowed) or head by head
 (``[heads, 3, head_dim]``, GPT-NeoX: ``qkv_order="head"``).
 
-Embedding modules (token, position and type tables, patch convolutions, class tokens, learned
-position tables) are leaves too, described by :func:`embeddings_rule`: every table's width is
-one residual-stream channel. After slicing, :func:`fix_attention` recomputes the head counts
-(and the products of them) from the new weights.
+A leaf holding a parameter or buffer the layout does not name, with a size a cut could change
+(OLMo 2's q/k norms over all heads at once), is refused: opaque, its channels frozen, the
+reason naming the tensor. Embedding modules are leaves too, described by
+:func:`~surgery.graph.rules.embeddings.embeddings_rule` (re-exported here). After slicing,
+:func:`fix_attention` recomputes the head counts (and the products of them) from the new
+weights.
 """
 
 from __future__ import annotations
@@ -43,6 +45,7 @@ import torch.nn as nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from surgery.graph.propagate import Consume, Propagation, Track
+from surgery.graph.rules.embeddings import embeddings_rule
 
 
 @dataclass(frozen=True)
@@ -233,6 +236,20 @@ def _qkv_rows(prop: Propagation, module: nn.Module, layout: HeadLayout, prefix: 
     return q.reshape(n_q, dim), k.reshape(n_kv, dim), v.reshape(n_kv, dim)
 
 
+def _undescribed_tensor(module: nn.Module, layout: HeadLayout, dim: int) -> str | None:
+    """A parameter or buffer of the leaf outside the projections and per-head children the
+    layout names, with a size a cut could change (anything but ``head_dim``): slicing would
+    miss it (OLMo 2's q/k norms over all heads), so the leaf is refused. Per-head-dim tensors
+    (Qwen3's and Gemma 3's q/k norms) are fine: ``head_dim`` is never cut."""
+    described = {n for n in (layout.q, layout.k, layout.v, layout.qkv, layout.out) if n}
+    described |= set(layout.per_head_rows)
+    tensors = list(module.named_parameters()) + list(module.named_buffers())
+    for name, tensor in tensors:
+        if name.split(".")[0] not in described and any(n not in (1, dim) for n in tensor.shape):
+            return f"{name} {tuple(tensor.shape)}"
+    return None
+
+
 def attention_rule(layout: HeadLayout, query_atoms: bool = False
                    ) -> Callable[[Propagation, fx.Node, nn.Module], None]:
     """The channel rule of an attention leaf with ``layout``; see the module docstring.
@@ -252,6 +269,11 @@ def attention_rule(layout: HeadLayout, query_atoms: bool = False
                 layout.qkv_order == "head" or not layout.out)):
             prop.opaque_op(node, f"attention {prefix} with {n_q} query and {n_kv} key/value "
                            "heads in a layout the rule does not describe")
+            return
+        unknown = _undescribed_tensor(module, layout, dim)
+        if unknown is not None:
+            prop.opaque_op(node, f"attention {prefix} holding {unknown}, which its layout does "
+                           "not describe")
             return
         nd = len(shape)
         in_ids = prop.channel_ids(x, -1, "input of attention")
@@ -304,61 +326,6 @@ def attention_rule(layout: HeadLayout, query_atoms: bool = False
             prop.set(node, [Track((nd - 1,), out_ids)])
 
     return rule
-
-
-_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
-
-
-def embeddings_rule(prop: Propagation, node: fx.Node, module: nn.Module) -> None:
-    """An embeddings leaf: the sum (or concatenation along tokens) of tables whose width is the
-    model's hidden size, optionally normalised. Every such width is one residual channel:
-    ``nn.Embedding`` columns, patch-convolution output channels, the last dim of directly held
-    parameters (class/distillation tokens, learned position tables), norm parameters."""
-    out_shape = prop.shape(node)
-    if out_shape is None:
-        prop.opaque_op(node, f"embeddings {node.target} without shapes")
-        return
-    width = out_shape[-1]
-    nd = len(out_shape)
-    joined: list[np.ndarray] = []
-    prefix = node.target
-    for name, sub in module.named_modules():
-        full = f"{prefix}.{name}" if name else prefix
-        if isinstance(sub, nn.Embedding) and sub.embedding_dim == width:
-            joined.append(prop.param(f"{full}.weight", 1))
-        elif isinstance(sub, _NORMS) and getattr(sub, "weight", None) is not None \
-                and sub.weight.shape[0] == width:
-            joined.extend(prop.param(f"{full}.{p}", 0) for p in ("weight", "bias")
-                          if getattr(sub, p, None) is not None)
-        elif isinstance(sub, nn.modules.conv._ConvNd) and sub.out_channels == width:
-            rows = prop.param(f"{full}.weight", 0)
-            joined.append(rows)
-            if sub.bias is not None:
-                prop.union(prop.param(f"{full}.bias", 0), rows)
-            pixels = next((a for a in node.all_input_nodes if prop.shape(a) is not None
-                           and len(prop.shape(a)) == sub.weight.ndim), None)
-            if pixels is not None and sub.groups == 1:
-                cols = prop.channel_ids(pixels, 1, "input of a patch embedding")
-                prop.union(cols, prop.param(f"{full}.weight", 1))
-    for pname, p in module.named_parameters(recurse=False):
-        if p.ndim and p.shape[-1] == width:
-            joined.append(prop.param(f"{prefix}.{pname}", p.ndim - 1))
-    if not joined:
-        prop.opaque_op(node, f"embeddings {prefix} with no table of width {width}")
-        return
-    ids = joined[0]
-    for other in joined[1:]:
-        prop.union(other, ids)
-    for arg in node.all_input_nodes:
-        shape = prop.shape(arg)
-        for t in prop.get(arg):
-            if shape is not None and t.axes == (len(shape) - 1,) and shape[-1] == width:
-                prop.union(t.ids, ids)  # inputs_embeds given directly
-            else:
-                prop.freeze(t.ids, f"input of embeddings {prefix}")
-    prop.produces[node.name] = ids
-    prop.mac_factors[node.name] = [ids]  # a patch convolution's MACs scale with the width
-    prop.set(node, [Track((nd - 1,), ids)])
 
 
 # ---------------------------------------------------------------------------------------
