@@ -140,7 +140,11 @@ def attention_modules(model: nn.Module, sliced: bool = False
                       ) -> Iterator[tuple[str, nn.Module, HeadLayout]]:
     """Every causal self-attention module of a transformers model with a known layout.
     ``sliced``: the weights were just sliced and the head attributes not fixed yet, so widths
-    are not checked against them (the layouts differ by their children's names)."""
+    are not checked against them (the layouts differ by their children's names).
+    Encoder-decoder models (BART, Whisper: their decoder self-attention looks like OPT's) are
+    not decoder LLMs: their configs split the sizes by stack."""
+    if getattr(getattr(model, "config", None), "is_encoder_decoder", False):
+        return
     for name, module in model.named_modules():
         if not _causal_attention(module):
             continue

@@ -4,8 +4,8 @@ tiny random configs (``helpers.decoder_zoo``).
 
 Per family: keeping everything reproduces the logits exactly; 30% cuts (magnitude, and MI
 with calibration batches) and a hand-made plan with different widths in each layer run;
-``generate()`` with the KV cache gives the tokens of greedy decoding without cache and of a
-plain forward-argmax loop; sdpa and eager agree; left padding is masked; save/load rebuilds
+``generate()`` with the KV cache (dynamic and static) gives the tokens of greedy decoding
+without cache and of a plain forward-argmax loop; sdpa and eager agree; left padding is masked; save/load rebuilds
 the model in a fresh process. Then the atoms of a Llama, query-slot atoms, a planted copy of a
 KV group cut by MI, and Gemma's scaled embeddings.
 """
@@ -152,7 +152,8 @@ def test_generate_with_the_cache_matches_greedy_decoding(name, how):
     with torch.no_grad():
         cached = small.generate(**x, **settings)
         uncached = small.generate(**x, use_cache=False, **settings)
-    assert torch.equal(cached, uncached)
+        static = small.generate(**x, cache_implementation="static", **settings)
+    assert torch.equal(cached, uncached) and torch.equal(cached, static)
     assert torch.equal(cached, _greedy_loop(small, x, 6))
 
 
