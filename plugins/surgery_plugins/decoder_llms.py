@@ -22,9 +22,15 @@ Capture. ``surgery.couple(model, {"input_ids": ..., "attention_mask": ...})`` wo
   analyses the model at the example's shapes; the pruned model runs its own code, cache
   included.
 
-RMSNorm layers, gated MLPs, GPT-NeoX's parallel residual, Gemma's scaled embeddings and
-sandwich norms, Phi-3's fused ``gate_up_proj`` (a ``chunk(2)`` the engine couples position by
-position) all trace with the engine's generic rules.
+RMSNorm layers, gated MLPs, GPT-NeoX's parallel residual, Gemma's sandwich norms, Phi-3's
+fused ``gate_up_proj`` (a ``chunk(2)`` the engine couples position by position), the views of
+GPT-2 and OPT to shapes read from other tensors all trace with the engine's generic rules.
+Gemma's scaled embedding is a leaf (``nn.Embedding``'s rule) only so that it is one node that
+can be frozen (see :func:`surgery_plugins.decoder_config.unscalable_embeddings`).
+
+Refused: an attention module holding a tensor its layout does not name (OLMo 2's q/k norms
+over all heads) is opaque, its reason naming the tensor; encoder-decoder models are left to
+other plugins; mixture-of-experts layers do not trace.
 
 Atoms and group kinds (``surgery_group_kind``): ``head``: by default a whole *KV group* (one
 key/value head with the query heads that read it; for multi-head attention one head); with
