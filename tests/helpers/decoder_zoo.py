@@ -84,6 +84,29 @@ def logits(model: torch.nn.Module, x: dict[str, torch.Tensor], **kwargs: Any) ->
         return model(**x, **kwargs).logits
 
 
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """The position ids ``generate`` gives a left-padded batch."""
+    return (mask.cumsum(-1) - 1).masked_fill(mask == 0, 0)
+
+
+def greedy_loop(model: torch.nn.Module, x: dict, steps: int) -> torch.Tensor:
+    """Greedy decoding by plain forwards over the whole sequence (no cache), with the
+    position ids ``generate`` gives left-padded rows; a row that emitted the end-of-sequence
+    token continues with padding, as in ``generate``."""
+    ids, mask = x["input_ids"], x["attention_mask"]
+    eos = model.generation_config.eos_token_id
+    done = torch.zeros(len(ids), dtype=torch.bool)
+    for _ in range(steps):
+        with torch.no_grad():
+            out = model(input_ids=ids, attention_mask=mask, position_ids=positions(mask),
+                        use_cache=False).logits
+        nxt = out[:, -1].argmax(-1).masked_fill(done, 0)
+        done |= nxt == eos
+        ids = torch.cat([ids, nxt[:, None]], dim=1)
+        mask = torch.cat([mask, torch.ones_like(mask[:, :1])], dim=1)
+    return ids
+
+
 # ---------------------------------------------------------------------------------------
 # Every width attribute and config field against the weights
 # ---------------------------------------------------------------------------------------
