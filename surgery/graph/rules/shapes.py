@@ -8,7 +8,6 @@ size fixed at trace time that a cut would have to change pins the channels it re
 from __future__ import annotations
 
 import operator
-from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -19,7 +18,14 @@ import torch.nn.functional as F
 
 from surgery.graph.propagate import Propagation, Track, Tracks
 from surgery.graph.rules.registry import BUILTIN
-from surgery.graph.rules.tracks import merge_tracks, node_args, pin_size_reads, size_read
+from surgery.graph.rules.tracks import (
+    SizeRead,
+    merge_tracks,
+    node_args,
+    pin_size_reads,
+    shape_entries,
+    size_read,
+)
 
 
 def _factor_groups(a: list[int], b: list[int]) -> list[tuple[list[int], list[int]]]:
@@ -119,7 +125,7 @@ def view_rule(prop: Propagation, node: fx.Node) -> None:
     if len(shape_args) == 1 and isinstance(shape_args[0], (tuple, list)):
         shape_args = list(shape_args[0])
     if len(shape_args) != len(out_shape):  # a shape computed as a whole
-        entries = _shape_entries(prop, shape_args[0]) if len(shape_args) == 1 else None
+        entries = shape_entries(prop, shape_args[0]) if len(shape_args) == 1 else None
         if entries is None or len(entries) != len(out_shape):  # cannot align axes
             pin_size_reads(prop, shape_args, "its size fixes a reshape")
             prop.set(node, out)
@@ -130,9 +136,9 @@ def view_rule(prop: Propagation, node: fx.Node) -> None:
                 prop.freeze(t.ids, "reshape to a literal channel count")
     mine = {t.axes[0]: t for t in out}
     for axis, size in enumerate(shape_args):
-        if not isinstance(size, (fx.Node, _Read)):
+        if not isinstance(size, (fx.Node, SizeRead)):
             continue
-        direct = [(size.tensor, size.axis)] if isinstance(size, _Read) else size_read(prop, size)
+        direct = [(size.tensor, size.axis)] if isinstance(size, SizeRead) else size_read(prop, size)
         if direct is not None and len(direct) == 1 and axis in mine:
             read = prop.track_on(*direct[0])
             if read is not None and len(read.ids) == len(mine[axis].ids):
@@ -140,51 +146,13 @@ def view_rule(prop: Propagation, node: fx.Node) -> None:
                 continue
         if axis in mine:
             prop.freeze(mine[axis].ids, "reshape to a computed channel count")
-        if isinstance(size, _Read):
+        if isinstance(size, SizeRead):
             t = prop.track_on(size.tensor, size.axis)
             if t is not None:
                 prop.freeze(t.ids, "its size fixes a reshape")
         else:
             pin_size_reads(prop, size, "its size fixes a reshape")
     prop.set(node, out)
-
-
-@dataclass(frozen=True)
-class _Read:
-    """One entry of a shape computed as a whole: the size of ``tensor``'s axis ``axis``."""
-
-    tensor: fx.Node
-    axis: int
-
-
-def _shape_entries(prop: Propagation, arg: Any) -> list[Any] | None:
-    """A shape computed as a whole, entry by entry: ints, scalar size nodes, and
-    :class:`_Read` for sizes taken from a whole shape (``x.view(y.shape)``,
-    ``(-1,) + shape[1:] + (h.size(-1),)``, GPT-2 and OPT); None when it cannot be followed."""
-    if isinstance(arg, (tuple, list)):
-        out: list[Any] = []
-        for item in arg:
-            if isinstance(item, fx.Node) and not _is_sequence(item):
-                out.append(item)
-            else:
-                sub = _shape_entries(prop, item) if isinstance(item, (fx.Node, tuple, list)) \
-                    else [item]
-                if sub is None:
-                    return None
-                out.extend(sub)
-        return out
-    if not isinstance(arg, fx.Node) or not _is_sequence(arg):
-        return None
-    if arg.op == "call_function" and arg.target is operator.add and len(arg.args) == 2:
-        left, right = (_shape_entries(prop, a) for a in arg.args)
-        return None if left is None or right is None else left + right
-    read = size_read(prop, arg)
-    return None if read is None else [_Read(t, a) for t, a in read]
-
-
-def _is_sequence(node: fx.Node) -> bool:
-    kind = node.meta.get("type")
-    return isinstance(kind, type) and issubclass(kind, (tuple, list))
 
 
 @BUILTIN.function("Tensor.reshape_as", "Tensor.view_as")
