@@ -31,6 +31,18 @@ def surgery_autowrap_functions(model: torch.nn.Module) -> list[Callable]:
 
 
 @hookspec
+def surgery_trace_kwargs(model: torch.nn.Module) -> dict[str, Any] | None:
+    """Keyword arguments the model's forward is traced with, besides the example inputs, and
+    fixed in the graph (e.g. ``{"use_cache": False}``).
+
+    The graph only analyses one forward at the example's shapes: state the forward would build
+    for later calls (a key/value cache) must not become part of it, or every calibration pass
+    would grow it. Applied when the example inputs are given by name (a dict, or positional
+    inputs fx maps to names) and the forward takes that keyword; an example input of the same
+    name wins. The pruned model runs its own forward, unaffected."""
+
+
+@hookspec
 def surgery_module_rules() -> dict[type, Callable]:
     """Channel rules for module types: ``{ModuleType: rule}``.
 
