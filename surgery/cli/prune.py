@@ -133,6 +133,8 @@ def prune(
 
     command = command_line(ctx)
     check_out(Path(out).absolute(), overwrite)
+    budget, criterion, target, allocation, estimator = (  # plain strings, not enum members
+        str(v) for v in (budget, criterion, target, allocation, estimator))
     options = PruneOptions(
         sparsity=sparsity, budget=budget, criterion=criterion, target=target,
         allocation=allocation, budget_scope=tuple(budget_scope.split(",")) if budget_scope else (),
