@@ -134,13 +134,18 @@ def _decide(model: torch.nn.Module, example_inputs: Any, calib_data: Iterable[An
     except BudgetError as exc:
         if budget_model is None:
             raise
-        floor = {g.id: min(g.atoms, max(1, opts.min_keep)) for g in setup.coupling.prunable}
-        most = setup.model.speedup(setup.model.counts_mask(floor))
+        most = _reachable(setup, opts)
         raise BudgetError(
             f"target speedup {modelled:.2f}x is beyond what this model can reach on "
             f"{setup.timer.key}: with every prunable group down to min_keep={opts.min_keep} "
             f"atom(s) the latency model says {most:.2f}x at batch {setup.model.table.batch} "
             f"(the untouched layers and fixed costs remain). Ask for less.") from exc
+
+
+def _reachable(setup: _Setup, opts: PruneOptions) -> float:
+    """The modelled speedup with every prunable group down to ``min_keep`` atoms."""
+    floor = {g.id: min(g.atoms, max(1, opts.min_keep)) for g in setup.coupling.prunable}
+    return setup.model.speedup(setup.model.counts_mask(floor))
 
 
 def _record(plan: PruningPlan, opts: PruneOptions, setup: _Setup, asked: float,
@@ -202,7 +207,7 @@ def prune_to_latency(model: torch.nn.Module, example_inputs: Any,
             break
         modelled = setup.model.speedup(setup.model.mask(decision.kept))
         samples = setup.timer.models({"dense": model, "pruned": pruned}, setup.inputs,
-                                     setup.spec.rounds)
+                                     max(9, setup.spec.rounds))
         achieved = Speedup.of(samples["dense"], samples["pruned"])
         attempts.append({"target": target, "modelled": modelled, "achieved": achieved.ratio,
                          "quartiles": [achieved.low, achieved.high],
@@ -211,8 +216,9 @@ def prune_to_latency(model: torch.nn.Module, example_inputs: Any,
                          "noisy": achieved.noisy})
         if abs(achieved.ratio / asked - 1.0) <= setup.spec.tolerance or attempt == tries - 1:
             break
-        # the model's error on this plan, taken to hold for the plan next to it
-        target = max(1.0, modelled * asked / achieved.ratio)
+        # the model's error on this plan, taken to hold for the plan next to it (at most
+        # what the model can reach: a miss beyond it is reported, not refused)
+        target = min(max(1.0, modelled * asked / achieved.ratio), 0.999 * _reachable(setup, opts))
     plan = decision.plan
     if latency:
         _record(plan, opts, setup, asked, attempts)
