@@ -24,6 +24,7 @@ import torch
 import torch.fx as fx
 
 from surgery._core.batches import as_args, to_device
+from surgery._core.modes import evaluating
 from surgery.budget.latency_spec import LatencySpec
 from surgery.timing import time_interleaved
 
@@ -165,7 +166,8 @@ class OnnxRuntimeTimer:
         if held is not None and held[0] is model:
             return held[1]
         path = Path(self._dir.name) / f"model{len(self._sessions)}.onnx"
-        export_onnx(model, inputs, path, check_inputs=inputs, dynamic_batch=False)
+        with evaluating(model):  # export_onnx leaves the model in eval mode
+            export_onnx(model, inputs, path, check_inputs=inputs, dynamic_batch=False)
         options = ort.SessionOptions()
         options.intra_op_num_threads = self.threads
         options.inter_op_num_threads = 1

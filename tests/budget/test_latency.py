@@ -251,3 +251,22 @@ def test_auto_rounding_under_a_macs_budget_uses_the_measured_multiple(bert):
                              latency=_spec(FakeTimer(multiple=16, penalty=0.3)))
     assert plan.budget["round_to"] == 16
     assert all(len(g.kept) % 16 == 0 for g in plan.groups if g.kind in ("neuron", "hidden"))
+
+
+def test_onnxruntime_is_a_latency_target_checked_against_pytorch(tmp_path):
+    """backend="onnxruntime": every timed model is exported, checked against PyTorch and run
+    in an onnxruntime session; the plan says which backend it was timed on."""
+    from helpers import cli_models
+
+    model = cli_models.tiny_resnet().train()
+    x = torch.randn(2, *cli_models.SHAPE)
+    spec = LatencySpec(batch=64, backend="onnxruntime", threads=1, rounds=2, ratios=(0.5,),
+                       cache=tmp_path, correct=False)
+    pruned, plan = surgery.prune(model, x, criterion="magnitude", budget="latency",
+                                 target_speedup=1.2, latency=spec)
+    lat = plan.budget["latency"]
+    assert lat["backend"] == "onnxruntime" and lat["device"].startswith("onnxruntime")
+    assert len(lat["attempts"]) == 1 and lat["achieved_speedup"] > 0
+    assert model.training  # timing and export left the user's model in its own mode
+    out = pruned(torch.randn(3, *cli_models.SHAPE))
+    assert out.shape == (3, cli_models.CLASSES)
