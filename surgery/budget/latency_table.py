@@ -6,9 +6,10 @@ a different function of its width than its MACs. So the table is *measured*:
 
 1. **Cliffs.** For each kind of layer that reads or writes a prunable group (linear, conv), the
    layer that costs most is timed standalone, at the traced input shape and batch, at every
-   output width of a 33-wide window; widths that are multiples of some ``m`` running faster
-   than the trend of the others is a cliff, and ``m`` with its penalty is kept (none is
-   assumed: on a device without one, ``m`` is 1). ``round_to="auto"`` uses the largest ``m``.
+   output width of a 33-wide window and at every input width; widths that are multiples of
+   some ``m`` running faster than the trend of the others is a cliff, and ``m`` with its
+   penalty is kept (none is assumed: on a device without one, ``m`` is 1).
+   ``round_to="auto"`` uses the largest ``m``.
 2. **Points.** The whole model is cut to a few uniform keep ratios (first atoms of every
    prunable group, widths on multiples of ``m``) and every fx node of each cut model is
    timed, the models taking turns round by round; each whole cut model is timed too.
@@ -215,10 +216,11 @@ def preferred_multiple(widths: list[int], seconds: list[float]) -> tuple[int, fl
     return best, float(penalty)
 
 
-def _probe_layer(gm: torch.fx.GraphModule, node: torch.fx.Node, width: int,
+def _probe_layer(gm: torch.fx.GraphModule, node: torch.fx.Node, width: int, side: str,
                  device: torch.device) -> tuple[nn.Module, torch.Tensor] | None:
-    """A standalone copy of ``node``'s layer writing ``width`` outputs, with an input of the
-    traced shape (batch rows cut so that one call stays near 0.2 GMAC)."""
+    """A standalone copy of ``node``'s layer with ``width`` outputs (``side="out"``) or
+    inputs (``"in"``), fed an input of the traced shape (batch rows cut so that one call stays
+    near 0.2 GMAC)."""
     module = gm.get_submodule(str(node.target))
     source = node.args[0] if node.args else None
     meta = getattr(source, "meta", {}).get("tensor_meta")
@@ -226,16 +228,21 @@ def _probe_layer(gm: torch.fx.GraphModule, node: torch.fx.Node, width: int,
         return None
     shape = list(meta.shape)
     if isinstance(module, nn.Linear):
-        layer: nn.Module = nn.Linear(module.in_features, width, bias=module.bias is not None)
-        per_row = module.in_features * width * math.prod(shape[1:-1] or [1])
+        fan_in, fan_out = ((width, module.out_features) if side == "in"
+                           else (module.in_features, width))
+        layer: nn.Module = nn.Linear(fan_in, fan_out, bias=module.bias is not None)
+        shape[-1] = fan_in
+        per_row = fan_in * fan_out * math.prod(shape[1:-1] or [1])
     elif isinstance(module, nn.modules.conv._ConvNd) and module.groups == 1:
-        conv = type(module)
-        layer = conv(module.in_channels, width, module.kernel_size, stride=module.stride,
-                     padding=module.padding, dilation=module.dilation,
-                     bias=module.bias is not None)
+        fan_in, fan_out = ((width, module.out_channels) if side == "in"
+                           else (module.in_channels, width))
+        layer = type(module)(fan_in, fan_out, module.kernel_size, stride=module.stride,
+                             padding=module.padding, dilation=module.dilation,
+                             bias=module.bias is not None)
+        shape[1] = fan_in
         out = node.meta.get("tensor_meta")
         spatial = math.prod(out.shape[2:]) if out is not None else math.prod(shape[2:])
-        per_row = module.in_channels * width * math.prod(module.kernel_size) * spatial
+        per_row = fan_in * fan_out * math.prod(module.kernel_size) * spatial
     else:
         return None
     shape[0] = max(1, min(shape[0], int(2e8 // max(1, per_row))))
@@ -244,7 +251,9 @@ def _probe_layer(gm: torch.fx.GraphModule, node: torch.fx.Node, width: int,
 
 def _probe_cliffs(gm: torch.fx.GraphModule, work_map: WorkMap, timer: Any, rounds: int,
                   device: torch.device) -> dict[str, Cliff]:
-    """Per layer kind in :data:`CLIFF_KINDS`, the width sweep of its costliest layer."""
+    """Per layer kind in :data:`CLIFF_KINDS`, width sweeps of its costliest layer's outputs
+    and inputs (a hidden size is the input width of most matrices that read it); the side
+    with the larger penalty is kept."""
     nodes = {n.name: n for n in gm.graph.nodes}
     cliffs: dict[str, Cliff] = {}
     for kind in CLIFF_KINDS:
@@ -262,22 +271,23 @@ def _probe_cliffs(gm: torch.fx.GraphModule, work_map: WorkMap, timer: Any, round
         for _, name in sorted(candidates, reverse=True):
             node = nodes[name]
             module = gm.get_submodule(str(node.target))
-            dense = module.out_features if kind == "linear" else module.out_channels
-            base = max(16, (dense // 2) // 32 * 32)
-            widths = list(range(base, base + WINDOW))
-            layers = {}
-            for w in widths:
-                made = _probe_layer(gm, node, w, device)
-                if made is None:
+            sweeps = []
+            for side in ("out", "in"):
+                dense = (getattr(module, "out_features", None) or module.out_channels
+                         if side == "out" else
+                         getattr(module, "in_features", None) or module.in_channels)
+                base = max(16, (dense // 2) // 32 * 32)
+                widths = list(range(base, base + WINDOW))
+                made = {str(w): _probe_layer(gm, node, w, side, device) for w in widths}
+                if any(v is None for v in made.values()):
                     break
-                layers[str(w)] = made
-            if len(layers) < len(widths):
-                continue
-            seconds = timer.layers(layers, rounds)
-            times = [seconds[str(w)] for w in widths]
-            m, penalty = preferred_multiple(widths, times)
-            cliffs[kind] = Cliff(name, widths, times, m, penalty)
-            break
+                seconds = timer.layers(made, rounds)
+                times = [seconds[str(w)] for w in widths]
+                m, penalty = preferred_multiple(widths, times)
+                sweeps.append(Cliff(f"{name} ({side}put width)", widths, times, m, penalty))
+            if len(sweeps) == 2:
+                cliffs[kind] = max(sweeps, key=lambda c: (c.penalty, c.multiple))
+                break
     return cliffs
 
 
@@ -327,7 +337,7 @@ def table_key(model: torch.nn.Module, coupling: Coupling, inputs: Any, timer_key
     raw = json.dumps({"timer": timer_key, "model": type(model).__name__, "inputs": shapes,
                       "params": hashlib.sha256(repr(params).encode()).hexdigest(),
                       "groups": structure, "ratios": list(ratios), "multiple": multiple,
-                      "min_keep": min_keep, "version": 1}, sort_keys=True)
+                      "min_keep": min_keep, "version": 2}, sort_keys=True)
     return raw
 
 
