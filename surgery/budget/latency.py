@@ -50,9 +50,10 @@ class LatencyModel:
         index = {n: i for i, n in enumerate(table.nodes)}
         self._rows = np.array([index.get(n, -1) for n in self.work_map.nodes], dtype=np.int64)
         self.multiple = table.multiple
-        self.penalty = np.array([table.cliffs[k].penalty if k in table.cliffs
-                                 and table.cliffs[k].multiple == self.multiple else 0.0
-                                 for k in self.work_map.kinds])
+        cliffs = [table.cliffs.get(k) for k in self.work_map.kinds]
+        self.penalty = np.array([c.penalty if c is not None and c.multiple > 1 else 0.0
+                                 for c in cliffs])
+        self.node_multiple = np.array([c.multiple if c is not None else 1 for c in cliffs])
         self._fit()
         self.dense_seconds = self.seconds(np.ones(self.work_map.n_labels, dtype=bool))
 
@@ -66,11 +67,15 @@ class LatencyModel:
         xs = np.zeros((len(self._rows), points))
         ys = np.zeros((len(self._rows), points))
         known = np.zeros(len(self._rows), dtype=bool)
+        from surgery.budget.latency_table import uniform_counts_at
+
+        at = np.stack([self._cliff(keep_mask(self.coupling, uniform_counts_at(
+            self.coupling, r, t.multiple, 1))) for r in t.ratios], axis=1)
         for i, row in enumerate(self._rows):
             if row < 0:
                 continue
             work = np.asarray(t.work[row])
-            seconds = np.asarray(t.seconds[row], dtype=np.float64)
+            seconds = np.asarray(t.seconds[row], dtype=np.float64) / at[i]
             xs[i], ys[i] = _breakpoints(work, seconds, points)
             known[i] = True
         self._xs, self._ys, self._known = xs, ys, known
@@ -79,7 +84,7 @@ class LatencyModel:
             sums = 0.0
             for i, row in enumerate(self._rows):
                 if row >= 0:
-                    sums += self._curve_one(i, t.work[row][j])
+                    sums += self._curve_one(i, t.work[row][j]) * at[i, j]
             node_sums.append(sums + t.constant)
         s = np.asarray(node_sums)
         e = np.asarray(t.end_to_end, dtype=np.float64)
@@ -113,10 +118,16 @@ class LatencyModel:
         frac = np.clip((work - x0) / span, 0.0, None)
         frac = np.where(work >= xs[:, -1], 1.0, frac)
         seconds = np.where(self._known, y0 + frac * (y1 - y0), 0.0)
-        if self.multiple > 1 and self.penalty.any():
-            seconds = seconds * (1 + self.penalty * self.work_map.off_multiple(keep,
-                                                                             self.multiple))
-        return seconds
+        return seconds * self._cliff(keep)
+
+    def _cliff(self, keep: np.ndarray) -> np.ndarray:
+        """Per node, ``1 + penalty`` when one of its widths is off its kind's multiple."""
+        factor = np.ones(len(self.penalty))
+        for m in np.unique(self.node_multiple[self.penalty > 0]).tolist():
+            on = (self.node_multiple == m) & (self.penalty > 0)
+            off = self.work_map.off_multiple(keep, int(m))
+            factor = np.where(on & off, 1 + self.penalty, factor)
+        return factor
 
     def seconds(self, keep: np.ndarray) -> float:
         """Modelled seconds per batch of the model cut to ``keep`` (a label mask)."""
