@@ -356,7 +356,8 @@ def main() -> None:
         + f"\n\n![accuracy vs size]({plot.name})\n\nReproduce: `python benchmarks/"
         f"mi_vs_baselines.py --model {args.model} --sizes {args.sizes} --recovery-steps "
         f"{args.recovery_steps}" + (f" --methods '{args.methods}'" if args.methods else "")
-        + (f" --round-to {args.round_to}" if args.round_to > 1 else "") + "`.\n"
+        + (f" --round-to {args.round_to}" if args.round_to > 1 else "")
+        + f" --movement-epochs {args.movement_epochs}`.\n"
     )
     write_result(f"mi_vs_baselines_{task.name}", f"MI vs baselines: {task.title}", body)
 

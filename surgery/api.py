@@ -23,6 +23,7 @@ from surgery._core.modes import evaluating
 from surgery.budget.allocate import global_kept, uniform_counts
 from surgery.budget.cost import CostModel
 from surgery.budget.kind_search import output_gap, outputs, search_kind_weights
+from surgery.budget.widths import limit_to_config
 from surgery.counting import count_macs, count_params, node_macs
 from surgery.cut.apply import apply_plan
 from surgery.cut.compensation import apply_refits
@@ -149,6 +150,7 @@ def _decide(model: torch.nn.Module, example_inputs: Any, calib_data: Iterable[An
     built on and, when deciding again, the ``calibration`` already collected."""
     crit = _criterion(opts, calib_data)
     coupling = coupling or _coupling(model, example_inputs, opts)
+    limits = limit_to_config(coupling, model, opts.sparsity) if opts.uniform_widths else []
     cost = CostModel(coupling, node_macs(coupling.capture.graph_module,
                                          coupling.capture.example_args), opts.budget_scope,
                      batch=max(1, rows(example_inputs)))
@@ -160,7 +162,7 @@ def _decide(model: torch.nn.Module, example_inputs: Any, calib_data: Iterable[An
     weights = _kind_weights(opts, model, kinds)
     allot = cost if budget_model is None else budget_model
     # uniform_counts validates the weights before calibration spends any time
-    counts = _counts(allot, opts, weights)
+    counts = _counts(allot, opts, weights, limits)
     ctx = ScoreContext(coupling, seed=opts.seed, data=calib_data)
     if opts.sparsity == 0:  # nothing to remove: no statistics, no scores, every atom kept
         kept = {g.id: np.arange(g.atoms) for g in coupling.prunable}
@@ -181,8 +183,9 @@ def _decide(model: torch.nn.Module, example_inputs: Any, calib_data: Iterable[An
 
     def choose(w: dict[str, float] | None) -> tuple[dict, dict]:
         ctx.kept = {}
-        kept, scores = top_down(crit, ctx, counts if w is weights else _counts(allot, opts, w),
-                                progress=_stage(progress, "score"), stages=stages)
+        targets = counts if w is weights else _counts(allot, opts, w, limits)
+        kept, scores = top_down(crit, ctx, targets, progress=_stage(progress, "score"),
+                                stages=stages)
         if opts.allocation == "global" and budget_model is not None:
             from surgery.budget.latency import latency_kept
 
@@ -297,10 +300,12 @@ def _kind_weights(opts: PruneOptions, model: torch.nn.Module, kinds: list[str]
     return dict(opts.kind_weights)
 
 
-def _counts(cost: CostModel, opts: PruneOptions, weights: dict[str, float] | None
-            ) -> dict[int, int]:
+def _counts(cost: CostModel, opts: PruneOptions, weights: dict[str, float] | None,
+            limits: list[str]) -> dict[int, int]:
+    """Atoms kept per group; ``limits``: why uniform_widths spared groups."""
     return uniform_counts(cost, opts.sparsity, opts.budget, round_to=opts.round_to,
-                          min_keep=opts.min_keep, kind_weights=weights)
+                          min_keep=opts.min_keep, kind_weights=weights,
+                          uniform_widths=opts.uniform_widths, spared=tuple(limits))
 
 
 def _stage(progress: Progress | None, stage: str) -> Callable[[int], None] | None:

@@ -1,4 +1,5 @@
-"""Measuring a model: parameters, MACs and accuracy; latency through :mod:`surgery.timing`.
+"""Measuring a model: parameters, MACs and accuracy (perplexity: :mod:`surgery.language`);
+latency through :mod:`surgery.timing`.
 
 MACs come from ``torch.utils.flop_counter.FlopCounterMode`` (flops / 2), the counter torch
 maintains for its own ops, rather than per-layer formulas of our own.
@@ -16,6 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from surgery._core.batches import call, first_tensor, split_batch, to_device
 from surgery._core.modes import evaluating
 from surgery.errors import SurgeryError
+from surgery.language import Perplexity, is_causal_lm, perplexity
 from surgery.timing import Speedup, Timing, time_interleaved
 
 
@@ -92,6 +94,8 @@ class Measurement:
     """Median forward time at ``latency_batch``, timed interleaved with the model compared."""
     latency_batch: int | None = None
     latency_quartiles_ms: tuple[float, float] | None = None
+    perplexity: Perplexity | None = None
+    """A causal language model's perplexity on the evaluation text (instead of accuracy)."""
 
 
 def accuracy(model: torch.nn.Module, batches: Iterable[Any],
@@ -124,10 +128,14 @@ def accuracy(model: torch.nn.Module, batches: Iterable[Any],
 
 def measure(model: torch.nn.Module, example: Any, *, batches: Iterable[Any] | None = None,
             progress: Callable[[int], None] | None = None) -> Measurement:
-    """Params, MACs (on the one-sample ``example``) and accuracy on ``batches`` when given;
-    latency is measured for several models at once (:func:`add_latency`)."""
+    """Params, MACs (on the one-sample ``example``) and, on ``batches`` when given, accuracy
+    (perplexity for a causal language model); latency is measured for several models at once
+    (:func:`add_latency`)."""
     m = Measurement(count_params(model), count_macs(model, example))
-    if batches is not None:
+    if batches is not None and is_causal_lm(model):
+        m.perplexity = perplexity(model, batches, progress)
+        m.samples = m.perplexity.windows
+    elif batches is not None:
         m.accuracy, m.samples = accuracy(model, batches, progress)
     return m
 

@@ -31,6 +31,18 @@ def surgery_autowrap_functions(model: torch.nn.Module) -> list[Callable]:
 
 
 @hookspec
+def surgery_trace_kwargs(model: torch.nn.Module) -> dict[str, Any] | None:
+    """Keyword arguments the model's forward is traced with, besides the example inputs, and
+    fixed in the graph (e.g. ``{"use_cache": False}``).
+
+    The graph only analyses one forward at the example's shapes: state the forward would build
+    for later calls (a key/value cache) must not become part of it, or every calibration pass
+    would grow it. Applied when the example inputs are given by name (a dict, or positional
+    inputs fx maps to names) and the forward takes that keyword; an example input of the same
+    name wins. The pruned model runs its own forward, unaffected."""
+
+
+@hookspec
 def surgery_module_rules() -> dict[type, Callable]:
     """Channel rules for module types: ``{ModuleType: rule}``.
 
@@ -68,6 +80,21 @@ def surgery_kind_weights(model: torch.nn.Module, kinds: list[str]) -> dict[str, 
     (every kind at the same rate). See ``kind_weights`` in :func:`surgery.prune`: a kind with
     weight ``w`` loses ``w`` times the share of atoms a weight-1 kind loses. The first plugin
     returning weights wins; ``kind_weights=`` in the call overrides them."""
+
+
+@hookspec(firstresult=True)
+def surgery_config_limits(model: torch.nn.Module, groups: list[Any]) -> dict[int, str] | None:
+    """Which of ``model``'s prunable ``groups`` its own config cannot express once cut, for a
+    model whose config describes its widths (a Hugging Face model saved as config.json plus
+    weights): ``{group.id: reason}``, ``{}`` when the config expresses them all, None when the
+    plugin does not know ``model`` (the first answer wins).
+
+    Asked only under ``uniform_widths=True``, where every layer keeps the same width per kind,
+    so the question is whether a config field holds that width: a BERT config derives the head
+    size from ``hidden_size``, so its heads and hidden dims cannot be cut (the reason says so,
+    e.g. "kind 'head' cannot be written in a plain BertConfig: it derives the head size from
+    hidden_size"), and a pooler's neurons have no field of their own. The groups named become
+    unprunable with that reason; the pruned model then rebuilds from its updated config."""
 
 
 @hookspec

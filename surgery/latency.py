@@ -12,16 +12,17 @@ The steps, each measured on the device the budget names (:class:`LatencySpec`):
    median per-round ratio); when it misses the asked speedup by more than the tolerance (5%),
    the model's error on this plan is taken as the correction (ask the model for
    ``asked * modelled / achieved``), and the plan is decided once more with the statistics
-   already collected, built and timed again.
+   already collected, built and timed again; the attempt measured closer to the asked
+   speedup is returned (both are recorded).
 
 ``plan.budget`` records what was asked, what the model promised and what was measured, for
 each attempt; ``plan.extra["latency_model"]`` the measured points and the fit per layer kind
 that the report draws.
 
-Causal language models: the table is generic over groups and fx nodes, so a decoder plugin's
-groups (heads, FFN neurons, hidden dims) are priced like an encoder's, for *prefill* latency
-(the example inputs' sequence length). Decode tokens/s needs the plugin's KV-cache step and is
-not measured here yet.
+Causal language models: the table is generic over groups and fx nodes, so the decoder
+plugin's groups (KV heads, FFN neurons, hidden dims) are priced like an encoder's, for
+*prefill* latency (the example inputs' sequence length). Decode tokens/s (``generate()`` with
+the KV cache) is not measured here yet.
 """
 
 from __future__ import annotations
@@ -142,6 +143,10 @@ def _decide(model: torch.nn.Module, example_inputs: Any, calib_data: Iterable[An
             f"(the untouched layers and fixed costs remain). Ask for less.") from exc
 
 
+def _chosen(attempts: list[dict[str, Any]]) -> dict[str, Any]:
+    return next((a for a in attempts if a.get("chosen")), attempts[-1])
+
+
 def _reachable(setup: _Setup, opts: PruneOptions) -> float:
     """The modelled speedup with every prunable group down to ``min_keep`` atoms."""
     floor = {g.id: min(g.atoms, max(1, opts.min_keep)) for g in setup.coupling.prunable}
@@ -158,8 +163,8 @@ def _record(plan: PruningPlan, opts: PruneOptions, setup: _Setup, asked: float,
                     **({"target_ms": setup.spec.target_ms} if setup.spec.target_ms else {}),
                     "table_cached": setup.cached, "preferred_multiple":
                         table.preferred_multiple, "attempts": attempts,
-                    **({"modelled_speedup": attempts[-1]["modelled"],
-                        "achieved_speedup": attempts[-1].get("achieved"),
+                    **({"modelled_speedup": _chosen(attempts)["modelled"],
+                        "achieved_speedup": _chosen(attempts).get("achieved"),
                         "corrected": len(attempts) > 1} if attempts else {})}})
     plan.extra["latency_model"] = {**setup.model.summary(), "asked": asked,
                                    "attempts": attempts}
@@ -193,6 +198,7 @@ def prune_to_latency(model: torch.nn.Module, example_inputs: Any,
     asked = _asked(opts, setup)
     target = asked
     attempts: list[dict[str, Any]] = []
+    results: list[tuple[float, Any, torch.nn.Module, float]] = []
     calibration = None
     latency = opts.budget == "latency"
     tries = 2 if latency and setup.spec.correct else 1
@@ -214,11 +220,18 @@ def prune_to_latency(model: torch.nn.Module, example_inputs: Any,
                          "dense_ms": 1e3 * sorted(samples["dense"])[len(samples["dense"]) // 2],
                          "pruned_ms": 1e3 * sorted(samples["pruned"])[len(samples["pruned"]) // 2],
                          "noisy": achieved.noisy})
+        results.append((abs(achieved.ratio / asked - 1.0), decision, pruned, target))
         if abs(achieved.ratio / asked - 1.0) <= setup.spec.tolerance or attempt == tries - 1:
             break
         # the model's error on this plan, taken to hold for the plan next to it (at most
         # what the model can reach: a miss beyond it is reported, not refused)
-        target = min(max(1.0, modelled * asked / achieved.ratio), 0.999 * _reachable(setup, opts))
+        target = max(1.0, min(modelled * asked / achieved.ratio,
+                              0.999 * _reachable(setup, opts)))
+    if results:  # the attempt measured closest to the asked speedup
+        best = min(range(len(results)), key=lambda i: results[i][0])
+        _, decision, pruned, target = results[best]
+        for i, a in enumerate(attempts):
+            a["chosen"] = i == best
     plan = decision.plan
     if latency:
         _record(plan, opts, setup, asked, attempts)

@@ -68,6 +68,14 @@ class PruneOptions:
       its kept inputs (uses the calibration statistics; skipped without them).
     - ``recalibrate``: re-estimate BatchNorm running statistics on the calibration data after
       the cut (no labels, one pass; skipped when there is no BatchNorm or no data).
+    - ``uniform_widths``: every layer keeps the same width per kind (every group of a kind
+      with the same number of atoms keeps as many: the heads of every layer, the FFN neurons
+      of every layer), and only kinds the model's own config can express are cut (plugins say
+      which through ``surgery_config_limits``; the others become unprunable with the reason),
+      so a Hugging Face model saves as a plain folder that ``from_pretrained`` loads without
+      surgery. A BERT's config derives the head size from ``hidden_size``, so only its FFN
+      neurons are cut; HF ViT reads ``head_dim``, so heads and hidden dims are cut too. Needs
+      ``allocation="uniform"`` (a global threshold gives each group its own width).
     - ``calibration_memory``: bytes of calibration statistics held at once (default 4 GiB).
       Above it, groups are calibrated, decided and freed in stages, one pass over the
       calibration data each (:mod:`surgery.stats.stages`): what lets an 8B-parameter layout be
@@ -91,6 +99,7 @@ class PruneOptions:
     distributed: bool | None = None
     compensate: bool = True
     recalibrate: bool = True
+    uniform_widths: bool = False
     calibration_memory: int = 4 * 2**30
     target_speedup: float | None = None
     latency: LatencySpec | None = None
@@ -143,6 +152,11 @@ class PruneOptions:
                 or self.calibration_memory < 1):
             raise BudgetError(f"calibration_memory must be a positive number of bytes, got "
                               f"{self.calibration_memory!r}.")
+        if self.uniform_widths and self.allocation != "uniform":
+            raise BudgetError(
+                f"uniform_widths=True keeps one width per kind across layers, but "
+                f"allocation={self.allocation!r} gives each group its own width by score; use "
+                "allocation='uniform' with uniform_widths (or drop uniform_widths).")
         if isinstance(self.kind_weights, str) and self.kind_weights not in KIND_WEIGHT_MODES:
             raise BudgetError(f"kind_weights must be a dict {{kind: weight}}, 'search', "
                               f"'uniform' or None, got {self.kind_weights!r}.")
@@ -166,7 +180,7 @@ class PruneOptions:
         return {"kind": self.budget, "scope": list(self.budget_scope),
                 "sparsity": self.sparsity, "allocation": self.allocation,
                 "round_to": self.round_to, "min_keep": self.min_keep,
-                "estimator": self.estimator,
+                "estimator": self.estimator, "uniform_widths": self.uniform_widths,
                 **({"target_speedup": self.target_speedup} if self.budget == "latency" else {})}
 
 

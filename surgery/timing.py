@@ -14,7 +14,7 @@ from __future__ import annotations
 import statistics
 import time
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Callable
 
 import torch
 
@@ -77,19 +77,21 @@ class Speedup:
 
 
 def time_interleaved(models: dict[str, torch.nn.Module], inputs: Any, *, rounds: int = 9,
-                     warmup: int = 2) -> dict[str, list[float]]:
-    """Seconds per forward pass of each model on ``inputs``, one per round, the models taking
-    turns (in alternating order) within every round; after ``warmup`` untimed passes each."""
+                     warmup: int = 2, run: Callable[[torch.nn.Module, Any], Any] = call
+                     ) -> dict[str, list[float]]:
+    """Seconds per forward pass (or per ``run(model, inputs)``: a generation, say) of each
+    model on ``inputs``, one per round, the models taking turns (in alternating order) within
+    every round; after ``warmup`` untimed passes each."""
     names = list(models)
     samples: dict[str, list[float]] = {n: [] for n in names}
     with torch.inference_mode():
         for model in models.values():
             with evaluating(model):
                 for _ in range(warmup):
-                    call(model, inputs)
+                    run(model, inputs)
         for r in range(rounds):
             for name in names if r % 2 == 0 else reversed(names):
-                samples[name].append(_time_once(models[name], inputs))
+                samples[name].append(_time_once(models[name], inputs, run))
     return samples
 
 
@@ -100,12 +102,13 @@ def measure_latency(model: torch.nn.Module, example_inputs: Any, *, repeats: int
                                               rounds=repeats, warmup=warmup)["model"])
 
 
-def _time_once(model: torch.nn.Module, inputs: Any) -> float:
+def _time_once(model: torch.nn.Module, inputs: Any,
+               run: Callable[[torch.nn.Module, Any], Any]) -> float:
     with evaluating(model):
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         start = time.perf_counter()
-        call(model, inputs)
+        run(model, inputs)
         if torch.cuda.is_available():
             torch.cuda.synchronize()
         return time.perf_counter() - start

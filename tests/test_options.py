@@ -32,3 +32,9 @@ def test_options_are_normalised_and_checked_when_made() -> None:
         surgery.PruneOptions(round_to=0)
     with pytest.raises(BudgetError, match="kind_weights must be"):
         surgery.PruneOptions(kind_weights="fastest")
+
+
+def test_uniform_widths_refuse_a_global_allocation() -> None:
+    assert surgery.PruneOptions(uniform_widths=True).budget_record()["uniform_widths"] is True
+    with pytest.raises(BudgetError, match="uniform_widths=True.*allocation='global'"):
+        surgery.PruneOptions(uniform_widths=True, allocation="global")

@@ -22,23 +22,26 @@ units) and ``hidden`` (one residual-stream dimension through every embedding tab
 projection). The classifier's outputs are the model's outputs and stay.
 
 Fix-ups after slicing: head counts and their products on every attention module (``fix_attention``),
-MPNet's shared relative-position bias head count, and the config: ``hidden_size``,
-``num_attention_heads``, ``intermediate_size`` (DistilBERT's ``dim``/``n_heads``/``hidden_dim``
-through the config's attribute map), ELECTRA's ``embedding_size``, ``head_dim`` where the head
-size no longer equals ``hidden_size // num_attention_heads``. When the config cannot describe
-the pruned model (sizes differ across layers, or the architecture derives the head size from
-the hidden size), ``config.surgery_layer_sizes`` records the per-layer sizes and
-``from_pretrained`` on that config fails loudly on shape mismatch; :func:`surgery.io.load`
-rebuilds such models from the base config and the plan.
+MPNet's shared relative-position bias head count, and the config (:mod:`surgery_plugins.hf_config`):
+``hidden_size``, ``num_attention_heads``, ``intermediate_size`` (DistilBERT's
+``dim``/``n_heads``/``hidden_dim`` through the config's attribute map), ELECTRA's
+``embedding_size``, ``head_dim`` where the head size no longer equals
+``hidden_size // num_attention_heads``. Everything is found from the model alone, so a pruned
+model loaded by :func:`surgery.io.load` in a fresh process gets the same values. When the
+config cannot describe the pruned model (sizes differ across layers, or the architecture
+derives the head size from the hidden size), ``config.surgery_layer_sizes`` records the
+per-layer sizes and ``from_pretrained`` on that config fails loudly on shape mismatch;
+:func:`surgery.io.load` rebuilds such models from the base config and the plan. Under
+``uniform_widths`` the ``surgery_config_limits`` hook keeps what the config cannot express
+uncut (BERT-style configs: FFN neurons only; ViT, which reads ``head_dim``: heads and hidden
+dims too).
 """
 
 from __future__ import annotations
 
-import copy
 import sys
 from typing import Any, Callable, Iterator
 
-import torch
 import torch.nn as nn
 
 from surgery.graph.rules.leaves import (
@@ -49,6 +52,13 @@ from surgery.graph.rules.leaves import (
     matches,
 )
 from surgery.hookspecs import hookimpl
+from surgery_plugins.hf_config import (
+    config_limits,
+    is_text_embeddings,
+    layer_sizes,
+    rebuilds,
+    update_config,
+)
 from surgery_plugins.transformers_common import (
     KindMap,
     ffn_first_linears,
@@ -74,31 +84,31 @@ HF_LAYOUTS: tuple[HeadLayout, ...] = (
 
 _LAYOUT_OF: dict[type, HeadLayout] = {}
 _EMBEDDINGS: set[type] = set()
+"""The leaf types tracing found, for ``surgery_module_rules`` (which is not given the model);
+fix-ups never read them (see :func:`attention_modules`)."""
 
 
 def _is_hf(model: nn.Module) -> bool:
     return is_module_of(model, ("transformers.",))
 
 
-def attention_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module, HeadLayout]]:
-    """Every self-attention module of a transformers model with a known layout, in order."""
+def attention_modules(model: nn.Module, consistent: bool = False
+                      ) -> Iterator[tuple[str, nn.Module, HeadLayout]]:
+    """Every self-attention module of a transformers model with a known layout, in order.
+
+    Recognised from the module alone (children, attributes, projection shapes; see
+    :func:`matches`), never from what tracing saw, so a pruned model loaded in a fresh
+    process is fixed like the one that was pruned. ``consistent``: only modules whose head
+    count matches their weights (what the channel rule needs; false between slicing and the
+    fix-up)."""
     for name, module in model.named_modules():
         cls = type(module)
         if not cls.__module__.startswith("transformers.") or "Cross" in cls.__name__:
             continue
-        layout = _LAYOUT_OF.get(cls)
-        if layout is not None and matches(module, layout, sizes=False):
-            yield name, module, layout
-            continue
-        layout = next((lay for lay in HF_LAYOUTS if matches(module, lay)), None)
+        layout = next((lay for lay in HF_LAYOUTS if matches(module, lay, sizes=consistent)),
+                      None)
         if layout is not None:
             yield name, module, layout
-
-
-def _is_text_embeddings(module: nn.Module) -> bool:
-    cls = type(module)
-    return (cls.__module__.startswith("transformers.") and cls.__name__.endswith("Embeddings")
-            and isinstance(getattr(module, "word_embeddings", None), nn.Embedding))
 
 
 @hookimpl
@@ -106,11 +116,11 @@ def surgery_leaf_modules(model: nn.Module) -> list[type]:
     if not _is_hf(model):
         return []
     leaves: list[type] = []
-    for _, module, layout in attention_modules(model):
+    for _, module, layout in attention_modules(model, consistent=True):
         _LAYOUT_OF.setdefault(type(module), layout)
         leaves.append(type(module))
     for module in model.modules():
-        if _is_text_embeddings(module):
+        if is_text_embeddings(module):
             _EMBEDDINGS.add(type(module))
             leaves.append(type(module))
     return list(dict.fromkeys(leaves))
@@ -165,6 +175,14 @@ def surgery_group_kind(group: Any, model: nn.Module) -> str | None:
 
 
 @hookimpl
+def surgery_config_limits(model: nn.Module, groups: list[Any]) -> dict[int, str] | None:
+    if not _is_hf(model) or getattr(model, "config", None) is None:
+        return None
+    attentions = list(attention_modules(model))
+    return config_limits(model, groups, attentions) if attentions else None
+
+
+@hookimpl
 def surgery_fix_model(model: nn.Module) -> None:
     if not _is_hf(model):
         return
@@ -179,63 +197,4 @@ def surgery_fix_model(model: nn.Module) -> None:
         update_config(model, attentions)
 
 
-def layer_sizes(model: nn.Module, attentions: list[tuple[str, nn.Module, HeadLayout]]
-                ) -> dict[str, Any]:
-    """Per-layer sizes of a (pruned) encoder, read from its weights."""
-    first = getattr(attentions[0][1], attentions[0][2].first_projection())
-    sizes: dict[str, Any] = {
-        "hidden_size": first.in_features,
-        "num_attention_heads": [int(getattr(m, lay.heads)) for _, m, lay in attentions],
-        "head_dim": [int(getattr(m, lay.head_dim)) for _, m, lay in attentions],
-        "intermediate_size": [lin.out_features for _, lin in ffn_first_linears(model)],
-    }
-    embeddings = [m.word_embeddings.embedding_dim for m in model.modules()
-                  if _is_text_embeddings(m)]
-    if embeddings:
-        sizes["embedding_size"] = embeddings[0]
-    return sizes
-
-
-def _uniform(values: list[int]) -> int | None:
-    return values[0] if values and len(set(values)) == 1 else None
-
-
-def update_config(model: nn.Module, attentions: list[tuple[str, nn.Module, HeadLayout]]) -> None:
-    """Write the pruned sizes into ``model.config``; see the module docstring."""
-    config = getattr(model, "config", None)
-    if config is None or not hasattr(config, "to_dict"):
-        return
-    sizes = layer_sizes(model, attentions)
-    if hasattr(config, "hidden_size"):
-        config.hidden_size = sizes["hidden_size"]
-    heads = _uniform(sizes["num_attention_heads"])
-    if heads is not None and hasattr(config, "num_attention_heads"):
-        config.num_attention_heads = heads
-    ffn = _uniform(sizes["intermediate_size"])
-    if ffn is not None:
-        for attr in ("intermediate_size", "hidden_dim"):  # DistilBERT: hidden_dim
-            if hasattr(config, attr) and attr not in getattr(config, "attribute_map", {}):
-                setattr(config, attr, ffn)
-                break
-    if "embedding_size" in sizes and getattr(config, "embedding_size", None) is not None:
-        config.embedding_size = sizes["embedding_size"]
-    head_dim = _uniform(sizes["head_dim"])
-    if heads and head_dim and sizes["hidden_size"] // heads != head_dim:
-        config.head_dim = head_dim  # read by ViT/DeiT and q_proj-style encoders
-    if hasattr(config, "surgery_layer_sizes"):
-        del config.surgery_layer_sizes
-    if not rebuilds(model):
-        config.surgery_layer_sizes = sizes
-
-
-def rebuilds(model: nn.Module) -> bool:
-    """Whether ``type(model)(model.config)`` has the model's parameter shapes (so that
-    ``save_pretrained`` / ``from_pretrained`` round-trip). Built on the meta device."""
-    try:
-        with torch.device("meta"):
-            fresh = type(model)(copy.deepcopy(model.config))
-    except Exception:
-        return False
-    mine = {k: tuple(v.shape) for k, v in model.state_dict().items()}
-    theirs = {k: tuple(v.shape) for k, v in fresh.state_dict().items()}
-    return mine == theirs
+__all__ = ["HF_LAYOUTS", "attention_modules", "layer_sizes", "update_config", "rebuilds"]

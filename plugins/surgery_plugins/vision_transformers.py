@@ -45,21 +45,24 @@ TIMM_LAYOUT = HeadLayout(qkv="qkv", out="proj", heads="num_heads", head_dim="hea
 
 _TIMM_ATTENTION: set[type] = set()
 _HF_EMBEDDINGS: set[type] = set()
+"""Leaf types tracing found, for ``surgery_module_rules`` (not given the model); fix-ups
+never read them (see :func:`timm_attention_modules`)."""
 
 
 def _is_timm(model: nn.Module) -> bool:
     return is_module_of(model, ("timm.",))
 
 
-def timm_attention_modules(model: nn.Module) -> Iterator[tuple[str, nn.Module]]:
-    """timm attention modules with a fused qkv and the standard attributes."""
+def timm_attention_modules(model: nn.Module, consistent: bool = False
+                           ) -> Iterator[tuple[str, nn.Module]]:
+    """timm attention modules with a fused qkv and the standard attributes, recognised from
+    the module alone (see :func:`surgery.graph.rules.leaves.matches`), so fix-ups work in a
+    process that never traced the model; ``consistent``: only modules whose head count
+    matches their weights."""
     for name, module in model.named_modules():
-        cls = type(module)
-        if not cls.__module__.startswith("timm."):
-            continue
-        if cls in _TIMM_ATTENTION and matches(module, TIMM_LAYOUT, sizes=False):
-            yield name, module
-        elif matches(module, TIMM_LAYOUT) and _plain_timm_attention(module):
+        if (type(module).__module__.startswith("timm.")
+                and matches(module, TIMM_LAYOUT, sizes=consistent)
+                and _plain_timm_attention(module)):
             yield name, module
 
 
@@ -82,7 +85,7 @@ def _is_hf_vision_embeddings(module: nn.Module) -> bool:
 def surgery_leaf_modules(model: nn.Module) -> list[type]:
     leaves: list[type] = []
     if _is_timm(model):
-        for _, module in timm_attention_modules(model):
+        for _, module in timm_attention_modules(model, consistent=True):
             _TIMM_ATTENTION.add(type(module))
             leaves.append(type(module))
     if is_module_of(model, ("transformers.",)):

@@ -45,8 +45,18 @@ def _first_k(coupling: Coupling, counts: dict[int, int]) -> dict[int, np.ndarray
     return {g.id: np.arange(counts[g.id]) for g in coupling.prunable}
 
 
+def width_classes(groups: list[ChannelGroup], steps: dict[int, int]) -> list[list[ChannelGroup]]:
+    """Groups that keep one width under ``uniform_widths``: same kind, same number of atoms
+    (and rounding step), e.g. the heads of every layer, or the FFN neurons of every layer."""
+    classes: dict[tuple[str, int, int], list[ChannelGroup]] = {}
+    for g in groups:
+        classes.setdefault((g.kind, g.atoms, steps[g.id]), []).append(g)
+    return list(classes.values())
+
+
 def uniform_counts(cost: CostModel, sparsity: float, kind: str, *, round_to: int = 1,
-                   min_keep: int = 1, kind_weights: dict[str, float] | None = None
+                   min_keep: int = 1, kind_weights: dict[str, float] | None = None,
+                   uniform_widths: bool = False, spared: tuple[str, ...] = ()
                    ) -> dict[int, int]:
     """Atoms kept per group for one removal rate shared by all groups, refined group by group
     until the removed share is as close to ``sparsity`` as whole atoms allow.
@@ -55,7 +65,13 @@ def uniform_counts(cost: CostModel, sparsity: float, kind: str, *, round_to: int
     ``min(1, w_k * t)`` of its atoms, one ``t`` for the whole model (kinds not named weigh 1).
     Transformers lose far less accuracy per parameter from FFN neurons than from heads or
     hidden dims, so e.g. ``{"neuron": 1, "head": 0.5, "hidden": 0.25}`` spends the budget on
-    neurons first while every kind still shrinks; equal weights are the paper's setting."""
+    neurons first while every kind still shrinks; equal weights are the paper's setting.
+
+    The shared rate gives every group of a :func:`width_classes` class the same count; the
+    refinement then moves single groups, or, with ``uniform_widths``, whole classes, so that
+    every layer keeps the same width per kind (what a model's config can describe).
+    ``spared``: why uniform_widths made groups unprunable (:mod:`surgery.budget.widths`),
+    said when the budget cannot be met without them."""
     groups = cost.coupling.prunable
     weights = {g.id: float((kind_weights or {}).get(g.kind, 1.0)) for g in groups}
     if any(w < 0 or not np.isfinite(w) for w in weights.values()):
@@ -79,13 +95,18 @@ def uniform_counts(cost: CostModel, sparsity: float, kind: str, *, round_to: int
         whole = [g for g in groups if g.atoms <= min_keep]
         note = (f"; min_keep={min_keep} keeps {len(whole)} of the {len(groups)} prunable groups "
                 f"whole (largest group: {max(g.atoms for g in groups)} atoms)") if whole else ""
-        spared = sorted({g.kind for g in groups if weights[g.id] == 0})
-        note += f"; kind_weights spare {spared}" if spared else ""
+        zero = sorted({g.kind for g in groups if weights[g.id] == 0})
+        note += f"; kind_weights spare {zero}" if zero else ""
+        advice = "Lower the sparsity or min_keep, or unfreeze modules."
+        if spared:
+            advice = (f"uniform_widths=True cuts only what the model's config can express "
+                      f"({'; '.join(spared)}): lower the sparsity, or prune without "
+                      "uniform_widths (the result then loads with surgery.io.load, not as a "
+                      "plain Hugging Face folder).")
         at_most, asked = percents(most, sparsity)
         raise BudgetError(
             f"at most {at_most} of {kind} can be removed from this model (every prunable group "
-            f"down to {min_keep} atom(s){note}); asked for {asked}. Lower the sparsity or "
-            "min_keep, or unfreeze modules."
+            f"down to {min_keep} atom(s){note}); asked for {asked}. {advice}"
         )
     lo, hi = 0.0, t_max
     for _ in range(40):
@@ -95,25 +116,28 @@ def uniform_counts(cost: CostModel, sparsity: float, kind: str, *, round_to: int
         else:
             lo = mid
     best = min((counts(lo), counts(hi)), key=lambda c: abs(removed(c) - sparsity))
-    return _refine(best, removed, sparsity, groups, steps, min_keep)
+    moves = width_classes(groups, steps) if uniform_widths else [[g] for g in groups]
+    return _refine(best, removed, sparsity, moves, steps, min_keep)
 
 
-def _refine(counts: dict[int, int], removed, sparsity: float, groups, units: dict[int, int],
-            min_keep: int, steps: int = 64) -> dict[int, int]:
-    """Greedy +/- one rounding step (``units``, atoms per group) on single groups while it moves
-    closer to the target."""
+def _refine(counts: dict[int, int], removed, sparsity: float, moves: list[list[ChannelGroup]],
+            units: dict[int, int], min_keep: int, steps: int = 64) -> dict[int, int]:
+    """Greedy +/- one rounding step (``units``, atoms per group) on one move at a time (a
+    single group, or a class of groups kept at one width) while it gets closer to the
+    target."""
     err = abs(removed(counts) - sparsity)
     if err < 0.002:
         return counts
-    by_size = sorted(groups, key=lambda g: -g.atoms)[:24]
+    by_size = sorted(moves, key=lambda m: -m[0].atoms)[:24]
     for _ in range(steps):
         best, best_err = None, err
-        for g in by_size:
+        for move in by_size:
+            g = move[0]
             for step in (-units[g.id], units[g.id]):
                 k = counts[g.id] + step
                 if not max(1, min(min_keep, g.atoms)) <= k <= g.atoms:
                     continue
-                trial = {**counts, g.id: k}
+                trial = {**counts, **{m.id: k for m in move}}
                 e = abs(removed(trial) - sparsity)
                 if e < best_err:
                     best, best_err = trial, e

@@ -4,6 +4,7 @@ options several commands take (as ``Annotated`` aliases, so each has one help te
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import enum
 import functools
 import json
@@ -57,10 +58,17 @@ KIND_NOUNS = {"hidden": "hidden dims"}
 
 
 MODEL_HELP = ("timm or torchvision model name, 'timm:NAME' / 'torchvision:NAME', a local Hugging "
-              "Face folder, or 'module:factory' (a callable returning a model or (model, "
-              "example_inputs)).")
+              "Face folder, a causal LM's .gguf file, or 'module:factory' (a callable returning "
+              "a model or (model, example_inputs)).")
 DATA_HELP = ("'fashion-mnist[:train|:test]', an ImageFolder directory, a .csv/.jsonl of texts "
-             "with labels, or 'module:function' yielding batches.")
+             "with labels, a .txt of plain text for a causal LM ('FILE.txt[:train|:test|:all]'; "
+             "first 80% calibrates, the rest evaluates), or 'module:function' yielding batches.")
+
+
+def default_batch(inputs: dict[str, Any]) -> int:
+    """Batch size when none is given: 8 windows for a causal language model (its logits are
+    tokens x vocabulary per window), else 64."""
+    return 8 if inputs.get("kind") == "causal" else 64
 
 
 def friendly(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -290,15 +298,21 @@ def open_folder(folder: Path, device: str):
 
 
 def write_json(path: Optional[Path], payload: dict[str, Any]) -> None:
+    """``payload`` as JSON (dataclasses inside it as objects)."""
     if path is not None:
-        path.write_text(json.dumps(payload, indent=1))
+        path.write_text(json.dumps(payload, indent=1, default=_plain))
         console.print(f"results written to {path}")
 
+
+def _plain(value: Any) -> Any:
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return dataclasses.asdict(value)
+    raise TypeError(f"{type(value).__name__} is not JSON serialisable")
 
 
 def describe_inputs(inputs: dict[str, Any]) -> str:
     if inputs["kind"] == "image":
         return "x".join(str(v) for v in inputs["shape"])
-    if inputs["kind"] == "text":
+    if inputs["kind"] in ("text", "causal"):
         return f"{inputs['seq_len']} tokens"
     return "from the factory"

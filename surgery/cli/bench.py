@@ -32,11 +32,15 @@ def bench(
         "--rounds", "--repeats", min=1,
         help="Interleaved rounds per batch size: each round times dense and pruned once, in "
              "alternating order (median and quartiles reported).")] = 9,
+    new_tokens: Annotated[int, typer.Option(
+        min=0, help="Causal language models: tokens generated per timed generation, with "
+                    "the KV cache (0: skip the generation speed).")] = 32,
     device: Device = "auto",
     threads: Threads = 0,
     json_out: JsonOut = None,
 ) -> None:
-    """Latency per batch size, params and MACs, dense vs pruned."""
+    """Latency per batch size, params and MACs, dense vs pruned; for a causal language model
+    the latency is the prefill of --seq-len tokens, and generation tokens/s is measured too."""
     import torch
 
     from surgery._core.batches import to_device
@@ -61,7 +65,19 @@ def bench(
             if dense is not None:
                 speedups[b] = Speedup.of(samples["dense"], samples["pruned"])
             bars("benchmark (batch sizes)", step)
-    table = Table(title=f"{folder}: latency on {dev} (median of {rounds} interleaved rounds)")
+    causal = pruned.inputs.get("kind") == "causal"
+    generation = None
+    if causal and new_tokens:
+        from surgery.language import generation_speed
+
+        with console.status(f"timing generation of {new_tokens} tokens..."):
+            prompt = to_device(pruned.example_inputs(1)["input_ids"], torch.device(dev))
+            generation = generation_speed(models, prompt, new_tokens=new_tokens,
+                                          rounds=max(3, rounds // 2))
+        for name, rate in generation.tokens_per_s.items():
+            results[name]["generation_tokens_per_s"] = rate
+    what = f"prefill of {pruned.inputs['seq_len']} tokens" if causal else "latency"
+    table = Table(title=f"{folder}: {what} on {dev} (median of {rounds} interleaved rounds)")
     for col in ("", "dense", "pruned", "change"):
         table.add_column(col, justify="right")
     d, p = results.get("dense"), results["pruned"]
@@ -73,5 +89,15 @@ def bench(
         pl = p["latency_ms"][b]["median_ms"]
         table.add_row(f"batch {b} (ms)", f"{dl:.2f}" if dl else "n/a", f"{pl:.2f}",
                       speedups[b].text() if b in speedups else "")
+    if generation is not None:
+        rates = generation.tokens_per_s
+        table.add_row(f"generation, {generation.new_tokens} tokens after "
+                      f"{pruned.inputs['seq_len']} (tokens/s)",
+                      f"{rates['dense']:.1f}" if "dense" in rates else "n/a",
+                      f"{rates['pruned']:.1f}",
+                      generation.speedup.text() if generation.speedup else "")
     console.print(table)
-    write_json(json_out, {**results, "speedup": {b: vars(s) for b, s in speedups.items()}})
+    payload = {**results, "speedup": {b: vars(s) for b, s in speedups.items()}}
+    if generation is not None and generation.speedup is not None:
+        payload["generation_speedup"] = vars(generation.speedup)
+    write_json(json_out, payload)

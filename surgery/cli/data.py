@@ -8,6 +8,9 @@ A DATA spec is one of:
   ``root/val`` or ``root/test`` are used for calibration and evaluation when present);
 * a ``.csv``, ``.jsonl`` or ``.json`` file of texts with labels (tokenised with the Hugging
   Face folder's tokenizer, or ``tokenizer``);
+* a ``.txt`` file of plain text, for a causal language model: cut into non-overlapping
+  windows of the sequence length; calibration reads the first 80% of it, evaluation the rest
+  (``FILE.txt:all`` reads all of it for both, ``FILE.txt:train`` / ``:test`` one part);
 * ``package.module:function``: a callable returning an iterable of batches (``inputs``,
   ``(inputs, labels)`` or dicts with ``labels``).
 """
@@ -18,6 +21,7 @@ import csv
 import json
 import math
 import os
+import re
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -247,6 +251,34 @@ def text_batches(path: str | os.PathLike, inputs: dict[str, Any], tokenizer: Any
     return Batches(make, str(path), total=math.ceil(len(rows) / batch_size))
 
 
+def text_window_batches(path: str | os.PathLike, split: str, inputs: dict[str, Any],
+                        tokenizer: Any, *, batch_size: int, limit: int | None) -> Batches:
+    """``{"input_ids"}`` batches of token windows from a plain text file (see the module
+    docstring for the split)."""
+    from surgery.language import text_split, token_windows
+
+    if inputs.get("kind") != "causal":
+        raise LoadError(f"a plain text file ({str(path)!r}) is data for a causal language "
+                        "model; this model is not one. Classifiers read .csv/.jsonl files of "
+                        "texts with labels.")
+    if tokenizer is None:
+        raise LoadError(f"text data {str(path)!r} needs a tokenizer: use a model folder that "
+                        "has one, or pass --tokenizer FOLDER.")
+    text = text_split(Path(path).read_text(encoding="utf-8"), split)
+    windows = token_windows(tokenizer, text, int(inputs.get("seq_len", 128)), limit)
+    if not len(windows):
+        raise LoadError(f"the {split} part of {str(path)!r} is shorter than one window of "
+                        f"{inputs.get('seq_len', 128)} tokens; use more text or a smaller "
+                        "--seq-len.")
+
+    def make() -> Iterator[Any]:
+        for i in range(0, len(windows), batch_size):
+            ids = windows[i:i + batch_size]
+            yield {"input_ids": ids, "attention_mask": torch.ones_like(ids)}
+
+    return Batches(make, f"{path}:{split}", total=math.ceil(len(windows) / batch_size))
+
+
 def function_batches(spec: str, *, limit: int | None) -> Batches:
     fn = import_callable(spec, "DATA")
 
@@ -290,6 +322,12 @@ def load_data(
     if path.is_dir():
         return image_folder_batches(path, split, inputs, batch_size=batch_size, limit=limit,
                                     resize=resize, mean=mean, std=std)
+    text_file = re.fullmatch(r"(.+\.txt)(?::(\w+))?", spec)
+    if text_file:
+        if not Path(text_file[1]).is_file():
+            raise LoadError(f"data file {text_file[1]!r} does not exist.")
+        return text_window_batches(text_file[1], text_file[2] or split, inputs, tokenizer,
+                                   batch_size=batch_size, limit=limit)
     if path.suffix in TEXT_SUFFIXES:
         if not path.is_file():
             raise LoadError(f"data file {spec!r} does not exist.")
@@ -299,5 +337,6 @@ def load_data(
         return function_batches(spec, limit=limit)
     raise LoadError(
         f"data {spec!r} is not 'fashion-mnist', an ImageFolder directory, a .csv/.jsonl file of "
-        "texts with labels, or a 'module:function' yielding batches."
+        "texts with labels, a .txt file of text (causal language models), or a "
+        "'module:function' yielding batches."
     )

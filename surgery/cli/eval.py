@@ -1,8 +1,9 @@
-"""``surgery eval``: accuracy, latency, params and MACs of a pruned folder, dense vs pruned."""
+"""``surgery eval``: accuracy (or perplexity), latency, params and MACs of a pruned folder,
+dense vs pruned."""
 
 from __future__ import annotations
 
-from typing import Annotated
+from typing import Annotated, Optional
 
 import typer
 
@@ -19,6 +20,7 @@ from surgery.cli._common import (
     Threads,
     app,
     console,
+    default_batch,
     err_console,
     friendly,
     label2id_of,
@@ -38,7 +40,8 @@ def eval_(
     data: Annotated[str, typer.Option(help=DATA_HELP)],
     eval_samples: Annotated[int, typer.Option(
         "--eval-samples", "--samples", min=1, help="Samples to evaluate.")] = 2000,
-    batch_size: Annotated[int, typer.Option(min=1, help="Batch size.")] = 64,
+    batch_size: Annotated[Optional[int], typer.Option(
+        min=1, help="Batch size (default 64; 8 for causal language models).")] = None,
     latency_batch: Annotated[int, typer.Option(
         min=0, help="Batch size for latency (0: skip).")] = 32,
     resize: Resize = None,
@@ -50,7 +53,8 @@ def eval_(
     threads: Threads = 0,
     json_out: JsonOut = None,
 ) -> None:
-    """Accuracy, latency, params and MACs of a pruned model, dense vs pruned."""
+    """Accuracy (perplexity for a causal language model), latency, params and MACs of a pruned
+    model, dense vs pruned."""
     import torch
 
     from surgery._core.batches import to_device
@@ -60,7 +64,8 @@ def eval_(
 
     dev = pick_device(device, threads)
     pruned, dense = open_folder(folder, dev)
-    batches = load_data(data, pruned.inputs, split="test", batch_size=batch_size,
+    batches = load_data(data, pruned.inputs, split="test",
+                        batch_size=batch_size or default_batch(pruned.inputs),
                         limit=eval_samples,
                         tokenizer=pruned.tokenizer(), resize=resize,
                         mean=parse_floats(mean, "--mean"),
@@ -81,7 +86,7 @@ def eval_(
             speedup = add_latency(results, models, timing, latency_batch)
     after = results["pruned"]
     before = results.get("dense", Measurement(0, 0))
-    if after.accuracy is None:
+    if after.accuracy is None and after.perplexity is None:
         err_console.print(f"[yellow]warning:[/] {data!r} has no labels or the model outputs no "
                           "class scores: no accuracy.")
     console.print(summary_table(f"{folder} on {data}", summary_rows(before, after, speedup)))

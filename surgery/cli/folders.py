@@ -65,6 +65,26 @@ def save_pruned(folder: str | os.PathLike, loaded: Loaded, pruned: torch.nn.Modu
         {"recipe": loaded.recipe, "inputs": loaded.inputs}, indent=1))
 
 
+def how_it_loads(folder: str | os.PathLike, pruned: torch.nn.Module) -> str:
+    """One sentence for the prune output and report: what loads the pruned model written in
+    ``folder``. Always :func:`surgery.io.load`; for a Hugging Face model also
+    ``from_pretrained`` when the folder is a plain one (``config.json`` is written only when
+    the updated config rebuilds the pruned model), else why it is not."""
+    config = getattr(pruned, "config", None)
+    if not type(pruned).__module__.startswith("transformers.") or config is None:
+        return "this folder loads with surgery.io.load"
+    if (Path(folder) / "config.json").is_file():
+        return ("this folder loads with surgery.io.load, and also loads with transformers' "
+                "AutoModel*.from_pretrained (a plain Hugging Face folder: config.json + "
+                "model.safetensors)")
+    sizes = getattr(config, "surgery_layer_sizes", None) or {}
+    differ = any(isinstance(v, list) and len(set(v)) > 1 for v in sizes.values())
+    why = ("widths differ across layers" if differ
+           else f"a plain {type(config).__name__} cannot describe these widths")
+    return (f"this folder loads with surgery.io.load ({why}: not a plain Hugging Face folder; "
+            "prune with --uniform-widths for one)")
+
+
 @dataclass
 class PrunedFolder:
     """A folder written by ``surgery prune``: the pruned model, its plan, and the dense one's

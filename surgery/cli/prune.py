@@ -31,6 +31,7 @@ from surgery.cli._common import (
     command_line,
     console,
     criterion_names,
+    default_batch,
     describe_inputs,
     err_console,
     estimator_names,
@@ -107,8 +108,9 @@ def prune(
     calib_samples: Annotated[int, typer.Option(min=1, help="Calibration samples.")] = 512,
     eval_samples: Annotated[int, typer.Option(
         min=0, help="Samples for accuracy (0: skip accuracy).")] = 2000,
-    batch_size: Annotated[int, typer.Option(
-        min=1, help="Batch size for calibration and accuracy.")] = 64,
+    batch_size: Annotated[Optional[int], typer.Option(
+        min=1, help="Batch size for calibration and accuracy (default 64; 8 for causal "
+                    "language models, whose 49k-way outputs per token are large).")] = None,
     latency_batch: Annotated[int, typer.Option(
         min=0, help="Batch size of the latency measurement and of --budget latency (0: skip "
                     "latency).")] = 32,
@@ -117,6 +119,12 @@ def prune(
     compensate: Annotated[bool, typer.Option(
         help="Refit the layers reading a cut group by least squares on the calibration "
              "statistics.")] = True,
+    uniform_widths: Annotated[bool, typer.Option(
+        "--uniform-widths",
+        help="Keep one width per kind in every layer and cut only what the model's config can "
+             "express, so a Hugging Face model becomes a plain folder that from_pretrained "
+             "loads without surgery (BERT: FFN neurons only; ViT: heads and hidden dims "
+             "too).")] = False,
     overwrite: Annotated[bool, typer.Option("--overwrite",
                                             help="Replace an existing --out.")] = False,
     checkpoint: Checkpoint = None,
@@ -151,7 +159,8 @@ def prune(
         exclude=tuple(exclude or ()),
         kind_weights=parse_kind_weights(kind_weights), estimator=estimator,
         round_to=parse_round_to(round_to),
-        min_keep=min_keep, seed=seed, recalibrate=recalibrate, compensate=compensate)
+        min_keep=min_keep, seed=seed, recalibrate=recalibrate, compensate=compensate,
+        uniform_widths=uniform_widths)
     if data is None and get_criterion(criterion).needs_calibration:
         raise ValueError(f"criterion {criterion!r} needs calibration data: pass --data "
                          f"({DATA_HELP}), or use --criterion magnitude.")
@@ -163,7 +172,7 @@ def prune(
     data_opts = dict(tokenizer=loaded.tokenizer, resize=resize, mean=parse_floats(mean, "--mean"),
                      std=parse_floats(std, "--std"), text_column=text_column,
                      label_column=label_column, label2id=label2id_of(loaded.model),
-                     batch_size=batch_size)
+                     batch_size=batch_size or default_batch(loaded.inputs))
     calib, evaluation = _data(data, eval_data, loaded, options, calib_samples, eval_samples,
                               data_opts)
     dense, after, speedup, pruned, plan, seconds = _prune_and_measure(
@@ -183,11 +192,12 @@ def prune(
         "calibration data": data or "none", "calibration samples": calib.samples if calib else 0,
         "evaluation data": (eval_data or data) if evaluation else "none",
         "batchnorm re-estimation": recalibrate, "least-squares compensation": compensate,
-        "device": dev, "seed": seed,
+        "uniform widths": uniform_widths, "device": dev, "seed": seed,
     }
-    _write(out, overwrite, loaded, pruned, plan, model, command, dense, after, speedup, settings,
-           seconds)
+    loads = _write(out, overwrite, loaded, pruned, plan, model, command, dense, after, speedup,
+                   settings, seconds)
     _summarise(model, options, plan, dense, after, speedup, seconds, out)
+    console.print(loads)
 
 
 def _data(data: str | None, eval_data: str | None, loaded: Any, options: PruneOptions,
@@ -240,17 +250,21 @@ def _prune_and_measure(loaded: Any, dev: str, options: PruneOptions, calib: Any,
 
 def _write(out: Path, overwrite: bool, loaded: Any, pruned: Any, plan: Any, model: str,
            command: str, dense: Any, after: Any, speedup: Any, settings: dict[str, Any],
-           seconds: float) -> None:
-    """The pruned model, its plan and the report, into ``out`` at once (or not at all)."""
-    from surgery.cli.folders import save_pruned
+           seconds: float) -> str:
+    """The pruned model, its plan and the report, into ``out`` at once (or not at all);
+    returns what loads the folder (:func:`surgery.cli.folders.how_it_loads`)."""
+    from surgery.cli.folders import how_it_loads, save_pruned
     from surgery.cli.report import write_report
     from surgery.io._atomic import atomic_folder
 
     with console.status(f"writing the pruned model, plan and report to {out}..."):
         with atomic_folder(out, overwrite=overwrite) as tmp:
             save_pruned(tmp, loaded, pruned, plan)
+            loads = how_it_loads(tmp, pruned)
             write_report(tmp, plan=plan, model=model, command=command, dense=dense,
-                         pruned=after, speedup=speedup, settings=settings, seconds=seconds)
+                         pruned=after, speedup=speedup, settings=settings, seconds=seconds,
+                         loads=loads)
+    return loads
 
 
 def _summarise(model: str, options: PruneOptions, plan: Any, dense: Any, after: Any,

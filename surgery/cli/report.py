@@ -87,11 +87,18 @@ def summary_rows(dense: Measurement, pruned: Measurement,
         rows.append([f"accuracy ({pruned.samples or dense.samples} samples, ± standard error)",
                      _accuracy(da, dense.samples), _accuracy(pa, pruned.samples),
                      f"{pa - da:+.4f}" if da is not None and pa is not None else ""])
+    if dense.perplexity is not None or pruned.perplexity is not None:
+        dp, pp = dense.perplexity, pruned.perplexity
+        rows.append([f"perplexity ({(pp or dp).tokens:,} tokens in {(pp or dp).windows} "
+                     "windows, ± standard error)", dp.text() if dp else "n/a",
+                     pp.text() if pp else "n/a",
+                     f"{pp.value / dp.value:.2f}x" if dp and pp else ""])
     if dense.latency_ms is not None or pruned.latency_ms is not None:
         dl, pl = dense.latency_ms, pruned.latency_ms
         change = speedup.text() if speedup is not None else (
             Speedup(dl / pl, dl / pl, dl / pl, 1).text() if dl and pl else "")
-        rows.append([f"latency, batch {pruned.latency_batch or dense.latency_batch} (ms, "
+        what = "prefill latency" if (dense.perplexity or pruned.perplexity) else "latency"
+        rows.append([f"{what}, batch {pruned.latency_batch or dense.latency_batch} (ms, "
                      "median)", "n/a" if dl is None else f"{dl:.2f}",
                      "n/a" if pl is None else f"{pl:.2f}", change])
     return rows
@@ -131,8 +138,10 @@ def _html_table(header: list[str], rows: list[list[str]]) -> str:
 
 def write_report(folder: str | Path, *, plan: Any, model: str, command: str,
                  dense: Measurement, pruned: Measurement, settings: dict[str, Any],
-                 seconds: float | None = None, speedup: Speedup | None = None) -> list[Path]:
-    """Write ``report.md``, ``report.html``, the plots and ``metrics.json`` into ``folder``."""
+                 seconds: float | None = None, speedup: Speedup | None = None,
+                 loads: str | None = None) -> list[Path]:
+    """Write ``report.md``, ``report.html``, the plots and ``metrics.json`` into ``folder``;
+    ``loads``: what loads the pruned model's folder (a paragraph after the introduction)."""
     folder = Path(folder)
     try:
         plot_kept(plan, folder / KEPT_PLOT)
@@ -174,6 +183,7 @@ def write_report(folder: str | Path, *, plan: Any, model: str, command: str,
     if fallbacks:
         intro += (f" {len(fallbacks)} group(s) could not be scored as asked: "
                   + "; ".join(f"`{name}`: {why}" for name, why in fallbacks.items()) + ".")
+    loading = f"Loading: {loads}." if loads else None
     no_plots = "(No plots: pip install 'model-surgery[plots]' for matplotlib.)"
     cost_img = f"![params and MACs]({COST_PLOT})" if plots else no_plots
     kept_img = f"![kept per group]({KEPT_PLOT})" if plots else no_plots
@@ -183,7 +193,8 @@ def write_report(folder: str | Path, *, plan: Any, model: str, command: str,
     from surgery.cli.latency_cli import latency_section
 
     latency_md, latency_html = latency_section(plan, folder, plots)
-    md = [f"# {title}", "", intro, "", "## Before and after", "",
+    md = [f"# {title}", "", intro, "", *([loading, ""] if loading else []),
+          "## Before and after", "",
           _md_table(summary_header, summary_rows(dense, pruned, speedup)), "",
           cost_img, "", *latency_md, "## What was cut", "",
           _md_table(["kind", "atoms", "kept", "kept %"], kind_rows), "",
@@ -201,6 +212,7 @@ def write_report(folder: str | Path, *, plan: Any, model: str, command: str,
     h = [f"<!doctype html><html><head><meta charset='utf-8'><title>{html.escape(title)}</title>"
          f"<style>{style}</style></head><body>",
          f"<h1>{html.escape(title)}</h1>", f"<p>{_inline_html(intro)}</p>",
+         *([f"<p>{_inline_html(loading)}</p>"] if loading else []),
          "<h2>Before and after</h2>",
          _html_table(summary_header, summary_rows(dense, pruned, speedup)),
          cost_tag, *latency_html, "<h2>What was cut</h2>",

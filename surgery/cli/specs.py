@@ -2,7 +2,9 @@
 
 A MODEL spec is one of (tried in this order):
 
-* a local folder with a ``config.json``: a Hugging Face model (needs the BERT/ViT plugins);
+* a local folder with a ``config.json``: a Hugging Face model (needs the built-in plugins);
+* a ``.gguf`` file: a causal language model, converted once into a Hugging Face folder in the
+  cache (:mod:`surgery.io.gguf`; needs the ``llm`` extra);
 * ``timm:NAME`` / ``torchvision:NAME``: that library's model, explicitly;
 * ``package.module:factory``: any Python callable returning a model, or ``(model,
   example_inputs)`` (the current directory is importable);
@@ -29,6 +31,7 @@ from torch.utils._pytree import tree_map_only
 
 from surgery.errors import LoadError
 from surgery.io.checkpoint import load_checkpoint
+from surgery.language import is_causal_lm
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -101,6 +104,10 @@ def _model_kind(spec: str) -> tuple[str, str]:
             raise LoadError(f"{spec!r} is a folder without config.json; a model folder must be a "
                             "Hugging Face save_pretrained folder.")
         return "huggingface", str(Path(spec).resolve())
+    if spec.endswith(".gguf"):
+        if not Path(spec).is_file():
+            raise LoadError(f"GGUF file {spec!r} does not exist.")
+        return "gguf", str(Path(spec).resolve())
     for prefix in ("timm", "torchvision"):
         if spec.startswith(prefix + ":"):
             return prefix, spec[len(prefix) + 1:]
@@ -184,6 +191,11 @@ def _timm(name: str, kwargs: dict[str, Any]) -> tuple[torch.nn.Module, Any]:
         raise LoadError(f"timm cannot build {name!r}: {exc}") from exc
 
 
+@source("gguf")
+def _gguf_model(path: str, kwargs: dict[str, Any]) -> tuple[torch.nn.Module, Any]:
+    return _hf_model(str(_converted(path)), kwargs)
+
+
 @source("huggingface")
 def _hf_model(folder: str, kwargs: dict[str, Any]) -> tuple[torch.nn.Module, Any]:
     if not hf_plugins_available():
@@ -218,9 +230,10 @@ def load_model(
         recipe["checkpoint"] = str(Path(checkpoint).resolve())
     model, example = build_model(recipe)
     tok = None
-    if source == "huggingface":
-        inputs = _hf_inputs(model, name, seq_len, tokenizer, input_size)
-        if inputs["kind"] == "text" and inputs.get("tokenizer"):
+    if source in ("huggingface", "gguf"):
+        folder = name if source == "huggingface" else str(_converted(name))
+        inputs = _hf_inputs(model, folder, seq_len, tokenizer, input_size)
+        if inputs["kind"] in ("text", "causal") and inputs.get("tokenizer"):
             tok = load_tokenizer(inputs["tokenizer"])
     elif example is not None:
         inputs = {"kind": "factory"}
@@ -277,9 +290,16 @@ def _hf_inputs(model: torch.nn.Module, folder: str, seq_len: int, tokenizer: str
     if tok_folder:
         keys = [k for k in load_tokenizer(tok_folder).model_input_names
                 if k in ("input_ids", "attention_mask", "token_type_ids")]
-    return {"kind": "text", "seq_len": seq_len, "keys": keys,
+    return {"kind": "causal" if is_causal_lm(model) else "text", "seq_len": seq_len,
+            "keys": keys,
             "vocab_size": int(getattr(config, "vocab_size", 100) or 100),
             "tokenizer": str(Path(tok_folder).resolve()) if tok_folder else None}
+
+
+def _converted(gguf: str) -> Path:
+    from surgery.io.gguf import converted_folder
+
+    return converted_folder(gguf)
 
 
 def _has_tokenizer(folder: str) -> bool:
@@ -314,7 +334,7 @@ def make_example(inputs: dict[str, Any], batch: int = 1, factory_example: Any = 
     if kind == "image":
         x = torch.randn(batch, *inputs["shape"], generator=g)
         return {inputs["key"]: x} if inputs.get("key") else x
-    if kind == "text":
+    if kind in ("text", "causal"):
         n = inputs["seq_len"]
         ids = torch.randint(5, max(6, inputs.get("vocab_size", 100)), (batch, n), generator=g)
         out = {"input_ids": ids}

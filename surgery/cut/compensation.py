@@ -28,10 +28,25 @@ from surgery.graph.groups import Coupling, Relation
 from surgery.stats.calibration import Calibration
 
 
+def transposed_linear(module: torch.nn.Module) -> bool:
+    """transformers' ``Conv1D`` (GPT-2): ``y = x @ W + b`` with ``W`` stored ``[in, out]``,
+    recognised by its ``nx``/``nf`` attributes matching the weight."""
+    w = getattr(module, "weight", None)
+    return (type(module).__name__ == "Conv1D" and isinstance(w, torch.Tensor) and w.ndim == 2
+            and (getattr(module, "nx", None), getattr(module, "nf", None)) == tuple(w.shape))
+
+
+def reader_weight(module: torch.nn.Module) -> torch.Tensor:
+    """A reader's weight laid out ``[out, in, *kernel]`` (a view: writing it writes the
+    parameter)."""
+    return module.weight.t() if transposed_linear(module) else module.weight
+
+
 def weighted_reader(gm: fx.GraphModule, rel: Relation
                     ) -> tuple[str | None, torch.nn.Module | None]:
     """The conv/linear module that reads a relation's group: its ``reader`` inside a leaf, or
-    the module its layer node calls (None, None for functional readers)."""
+    the module its layer node calls (None, None for functional readers). Linear layers stored
+    transposed count (:func:`transposed_linear`; :func:`reader_weight` lays them out)."""
     if rel.reader is not None:
         name = rel.reader
     else:
@@ -40,7 +55,7 @@ def weighted_reader(gm: fx.GraphModule, rel: Relation
             return None, None
         name = node.target
     module = gm.get_submodule(name)
-    if isinstance(module, torch.nn.Linear):
+    if isinstance(module, torch.nn.Linear) or transposed_linear(module):
         return name, module
     if isinstance(module, torch.nn.modules.conv._ConvNd) and module.groups == 1:
         return name, module
@@ -88,7 +103,7 @@ def refits(model: torch.nn.Module, coupling: Coupling, calibration: Calibration,
         a = torch.linalg.solve(s_kk, s_rk.T).T  # (R, K)
         c = mean[r_cols] - a @ mean[k_cols]
         module = model.get_submodule(name)
-        w = module.weight.detach()
+        w = reader_weight(module).detach()
         r_pos = torch.as_tensor(feats.positions[~keep_mask], device=w.device)
         w_r = w.index_select(1, r_pos).double()  # (out, R, *kernel)
         delta = torch.einsum("or...,rk->ok...", w_r, a.to(w.device)).to(w.dtype)
@@ -104,7 +119,7 @@ def apply_refits(model: torch.nn.Module, found: list[Refit]) -> list[str]:
     with torch.no_grad():
         for refit in found:
             module = model.get_submodule(refit.module)
-            w = module.weight
+            w = reader_weight(module)
             w.index_add_(1, torch.as_tensor(refit.positions, device=w.device),
                          refit.weight_delta.to(w.device))
             if refit.bias_delta is not None:

@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,9 +19,10 @@ from typing import Callable, Iterator
 import torch
 import torch.nn.functional as F
 
+from surgery._core.cache import cache_root
 from surgery.demo.datasets import fashion_mnist
 
-CACHE = Path(os.environ.get("SURGERY_CACHE", Path.home() / ".cache" / "surgery"))
+CACHE = cache_root()
 
 
 def prepare(images: torch.Tensor) -> torch.Tensor:

@@ -68,10 +68,12 @@ class _Tracer(fx.Tracer):
         autowrap: tuple[Callable, ...],
         model: torch.nn.Module | None = None,
         inputs: dict[str, Any] | None = None,
+        fixed: dict[str, Any] | None = None,
     ) -> None:
         super().__init__(autowrap_functions=autowrap)
         self._leaf_types = leaf_types
         self._inputs = inputs
+        self._fixed = dict(fixed or {})
         self.constants: dict[str, Any] = {}
         if autowrap and model is not None and hasattr(self, "_autowrap_search"):
             seen = {id(m) for m in self._autowrap_search}
@@ -215,8 +217,10 @@ class _Tracer(fx.Tracer):
                 proxy = _KnownProxy(proxy.node, self, value)
             proxies.append(proxy)
 
+        fixed = {k: v for k, v in self._fixed.items() if k not in names}
+
         def call_with_keywords(root: torch.nn.Module, *values: Any) -> Any:
-            return root_fn(root, **dict(zip(names, values)))
+            return root_fn(root, **fixed, **dict(zip(names, values)))
 
         return call_with_keywords, [self.root, *proxies]
 
@@ -281,6 +285,7 @@ def trace(
         f for fns in call_hook("surgery_autowrap_functions", model=model) for f in fns
     )
     inputs = kwargs if kwargs and not args else (_as_keywords(model, args) if not kwargs else None)
+    fixed = _trace_kwargs(model, call_hook("surgery_trace_kwargs", model=model))
     # A plugin's leaf without a channel rule would be opaque (every channel through it
     # frozen): trace into it first, and keep it whole only if that fails (timm marks blocks
     # with shape-dependent branches as leaves; the look-ahead of _Tracer.to_bool handles most).
@@ -293,7 +298,7 @@ def trace(
         attempts.insert(0, tuple(leaf_modules) + ruled)
     failure: Exception | None = None
     for leaves in attempts:
-        tracer = _Tracer(leaves, autowrap, model, inputs)
+        tracer = _Tracer(leaves, autowrap, model, inputs, fixed)
         tracer.example = (args, kwargs)
         try:
             graph = tracer.trace(model)
@@ -348,6 +353,23 @@ def _as_keywords(model: torch.nn.Module, args: tuple[Any, ...]) -> dict[str, Any
     if any(p.kind is not inspect.Parameter.POSITIONAL_OR_KEYWORD for p in params[: len(args)]):
         return None
     return {p.name: a for p, a in zip(params, args)}
+
+
+def _trace_kwargs(model: torch.nn.Module, answers: list[dict[str, Any] | None]
+                  ) -> dict[str, Any]:
+    """The keyword arguments plugins fix for tracing (``surgery_trace_kwargs``), those the
+    forward names as parameters: a ``**kwargs`` catch-all might hand them to code that does
+    not expect them."""
+    try:
+        params = inspect.signature(model.forward).parameters
+    except (TypeError, ValueError):
+        return {}
+    fixed: dict[str, Any] = {}
+    for answer in reversed(answers):  # later registrations (third parties) win
+        fixed.update({k: v for k, v in (answer or {}).items() if k in params
+                      and params[k].kind in (inspect.Parameter.POSITIONAL_OR_KEYWORD,
+                                             inspect.Parameter.KEYWORD_ONLY)})
+    return fixed
 
 
 class _ShapeProp(ShapeProp):

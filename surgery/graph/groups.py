@@ -192,9 +192,14 @@ def _groups(prop: Propagation, label_of: np.ndarray, anchored: np.ndarray,
         signature = (tuple(sorted(per_label[label])), label in reasons)
         by_signature.setdefault(signature, []).append(label)
     producer_order: dict[int, int] = {}
+    producers: dict[int, list[tuple[int, str]]] = {}  # label -> (order, module) writing it
+    nodes = {n.name: n for n in prop.capture.graph_module.graph.nodes}
     for op, ids in prop.produces.items():
+        module = nodes[op].target if nodes[op].op == "call_module" else None
         for label in np.unique(label_of[ids]).tolist():
             producer_order[label] = max(producer_order.get(label, -1), order[op])
+            if module is not None:
+                producers.setdefault(label, []).append((order[op], module))
 
     groups: list[ChannelGroup] = []
     group_of_label: dict[int, tuple[int, int]] = {}
@@ -204,9 +209,10 @@ def _groups(prop: Propagation, label_of: np.ndarray, anchored: np.ndarray,
         reason = reasons.get(labels[0], "") if frozen else ""
         if not frozen and len(labels) < 2:
             reason = "a single atom cannot be cut"
+        writers = sorted({w for lab in labels for w in producers.get(lab, ())})
         groups.append(ChannelGroup(
             id=len(groups),
-            name=_name(keys, prop),
+            name=_name(keys, prop, list(dict.fromkeys(m for _, m in writers))),
             atoms=len(labels),
             slices={k: [np.asarray(per_label[lab][k], dtype=np.int64) for lab in labels]
                     for k in keys},
@@ -265,14 +271,34 @@ def _relations(
     return relations, {g: p for g, (_, p) in probes.items()}
 
 
-def _name(keys: tuple, prop: Propagation) -> str:
-    """A readable name: the modules whose output channels these are, else the first module."""
+def _name(keys: tuple, prop: Propagation, producers: list[str]) -> str:
+    """A readable name: the modules writing these channels, in graph order (the embeddings of
+    a residual stream, the first projections of an FFN); for channels no module writes as its
+    output (heads inside an attention leaf) the module holding every parameter they touch;
+    else the modules whose weight rows they are, else the first module."""
     rank = {k: i for i, k in enumerate(prop.records)}
     ordered = sorted(keys, key=lambda k: rank[k])
-    writers = [p.rsplit(".", 1)[0] for p, d in ordered if d == 0 and (p, 1) in prop.records]
-    names = writers or [p.rsplit(".", 1)[0] for p, _ in ordered]
-    names = list(dict.fromkeys(names))
+    modules = list(dict.fromkeys(p.rsplit(".", 1)[0] if "." in p else "" for p, _ in ordered))
+    common = _common_module(modules)
+    if producers:
+        names = producers
+    elif common and len(modules) > 1:
+        names = [common]
+    else:
+        writers = [p.rsplit(".", 1)[0] for p, d in ordered if d == 0 and (p, 1) in prop.records]
+        names = list(dict.fromkeys(writers)) or modules
     return names[0] + (f" (+{len(names) - 1})" if len(names) > 1 else "")
+
+
+def _common_module(modules: list[str]) -> str:
+    """The innermost module containing all of ``modules`` ('' when none does)."""
+    parts = [m.split(".") for m in modules]
+    common: list[str] = []
+    for level in zip(*parts):
+        if len(set(level)) > 1:
+            break
+        common.append(level[0])
+    return ".".join(common)
 
 
 __all__ = ["ChannelGroup", "Coupling", "Probe", "Relation", "OUTPUT", "find_groups"]

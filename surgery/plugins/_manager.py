@@ -20,7 +20,8 @@ from surgery.errors import PluginError, SurgeryError
 
 ENTRY_POINT_GROUP = "surgery"
 BUILTIN_PLUGINS = ("surgery.graph.rules", "surgery_plugins.timm_cnn",
-                   "surgery_plugins.hf_encoders", "surgery_plugins.vision_transformers")
+                   "surgery_plugins.hf_encoders", "surgery_plugins.vision_transformers",
+                   "surgery_plugins.decoder_llms")
 
 
 @functools.cache

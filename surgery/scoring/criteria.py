@@ -115,7 +115,7 @@ class ActivationWeight(Criterion):
     needs_calibration = True
 
     def score(self, group: ChannelGroup, ctx: ScoreContext) -> np.ndarray:
-        from surgery.cut.compensation import weighted_reader
+        from surgery.cut.compensation import reader_weight, weighted_reader
 
         assert ctx.calibration is not None
         cal, gm = ctx.calibration, ctx.coupling.capture.graph_module
@@ -130,7 +130,7 @@ class ActivationWeight(Criterion):
             mean = sums.mean()[:sums.dx]
             rms = (torch.diagonal(sums.blocks()[0]) + mean * mean).clamp_min(0).sqrt()
             cols = torch.as_tensor(feats.positions, device=module.weight.device)
-            w = module.weight.detach().double().index_select(1, cols).movedim(1, 0)
+            w = reader_weight(module).detach().double().index_select(1, cols).movedim(1, 0)
             norms = w.reshape(len(cols), -1).norm(dim=1).to(rms.device)
             np.add.at(total, feats.position_atoms, (rms * norms).cpu().numpy())
             seen = True

@@ -168,6 +168,21 @@ BLOCK_COLUMNS = 2048
 """Widest relation (columns) that :func:`greedy_gaussian_blocks` takes on."""
 
 
+def _logdet(blocks: torch.Tensor) -> torch.Tensor:
+    """log det of a batch of covariance blocks: by Cholesky (half the work of an LU, and
+    MKL's batched LU printed thousands of spurious "Parameter 6 was incorrect on entry to
+    DLASWP" lines for the 192-column KV groups of a SmolLM-shaped Llama, with correct
+    values); blocks that are not positive definite (an atom already kept, or a copy of one)
+    get ``log |det|`` from their eigenvalues, what ``slogdet`` gave them (the blocks are
+    symmetric)."""
+    chol, info = torch.linalg.cholesky_ex(blocks)
+    out = 2 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+    bad = info != 0
+    if bool(bad.any()):
+        out[bad] = torch.linalg.eigvalsh(blocks[bad]).abs().log().sum(-1)
+    return out
+
+
 def greedy_gaussian_blocks(relations: list[tuple[MomentSums, np.ndarray, np.ndarray]], k: int,
                            atoms: int, ridge: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
     """:func:`greedy_gaussian` for atoms of several columns (an attention head's 32 or 64):
@@ -197,7 +212,7 @@ def greedy_gaussian_blocks(relations: list[tuple[MomentSums, np.ndarray, np.ndar
         for mats, _, runs in state:
             for ids, idx in runs:
                 blocks = mats[:, idx[:, :, None], idx[:, None, :]]  # (2, atoms, c, c)
-                logdet = torch.linalg.slogdet(blocks)[1]
+                logdet = _logdet(blocks)
                 gain[ids] += 0.5 * (logdet[0] - logdet[1]).cpu().numpy()
         if step == steps:
             break  # ``gain`` now scores the atoms left out

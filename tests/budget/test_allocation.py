@@ -114,3 +114,23 @@ def test_prune_with_own_kind_weights_records_them(bert):
     assert plan.budget["kind_weights"] == mine
     cut = {g.kind for g in plan.groups if len(g.kept) < g.atoms}
     assert cut == {"neuron"}
+
+
+def test_uniform_widths_move_every_layer_together(bert):
+    """The +/- one step refinement nudges single groups (here one layer's heads) unless
+    uniform_widths asks for one width per kind: then it moves every layer's group at once."""
+    _, _, coupling, cost = bert
+    weights = dict(TRANSFORMER_KIND_WEIGHTS)
+
+    def widths(counts):
+        out: dict[tuple[str, int], set[int]] = {}
+        for g in coupling.prunable:
+            out.setdefault((g.kind, g.atoms), set()).add(counts[g.id])
+        return out
+
+    free = widths(uniform_counts(cost, 0.5, "params", kind_weights=weights))
+    assert free[("head", 4)] == {2, 3}, "the example no longer refines a single group"
+    counts = uniform_counts(cost, 0.5, "params", kind_weights=weights, uniform_widths=True)
+    assert all(len(v) == 1 for v in widths(counts).values()), widths(counts)
+    mask = cost.mask({g.id: np.arange(counts[g.id]) for g in coupling.prunable})
+    assert abs(cost.removed(mask, "params") - 0.5) < 0.005

@@ -270,3 +270,24 @@ def test_onnxruntime_is_a_latency_target_checked_against_pytorch(tmp_path):
     assert model.training  # timing and export left the user's model in its own mode
     out = pruned(torch.randn(3, *cli_models.SHAPE))
     assert out.shape == (3, cli_models.CLASSES)
+
+
+def test_a_causal_lm_is_pruned_to_a_prefill_latency():
+    """The latency model is generic over groups: a decoder's KV-head groups, FFN neurons and
+    hidden dims (the decoder_llms plugin) are priced and cut for prefill at the example's
+    sequence length."""
+    import transformers
+
+    torch.manual_seed(0)
+    cfg = transformers.LlamaConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                   num_attention_heads=4, num_key_value_heads=2,
+                                   vocab_size=300, max_position_embeddings=64)
+    model = transformers.LlamaForCausalLM(cfg).eval()
+    x = {"input_ids": torch.randint(0, 300, (2, 32))}
+    pruned, plan = surgery.prune(model, x, [x], budget="latency", target_speedup=1.5,
+                                 latency=_spec(FakeTimer()))
+    lat = plan.budget["latency"]
+    assert lat["modelled_speedup"] == pytest.approx(1.5, rel=0.02)
+    assert abs(lat["achieved_speedup"] / 1.5 - 1) <= 0.05
+    assert {g.kind for g in plan.groups if len(g.kept) < g.atoms} >= {"neuron"}
+    assert pruned(**x).logits.shape == (2, 32, 300)

@@ -466,3 +466,58 @@ def test_exclude_and_kinds_on_the_command_line(tmp_path: Path) -> None:
     assert "excluded" in (out / "report.md").read_text()
     res = invoke("prune", *TINY, *DATA, "--exclude", "dwn", "--out", str(tmp_path / "q"))
     assert res.exit_code == 1 and "exclude pattern 'dwn' matches no module" in res.output
+
+
+PLAIN = "also loads with transformers' AutoModel*.from_pretrained"
+NOT_PLAIN = ("this folder loads with surgery.io.load (widths differ across layers: not a plain "
+             "Hugging Face folder; prune with --uniform-widths for one)")
+
+
+def test_prune_says_what_loads_the_folder(tmp_path: Path) -> None:
+    """Widths that differ across layers make a folder only surgery.io.load reads, and the
+    output and report say so; --uniform-widths makes a plain Hugging Face folder, which
+    transformers loads alone."""
+    from transformers import (
+        AutoModelForSequenceClassification,
+        BertConfig,
+        BertForSequenceClassification,
+    )
+
+    from surgery import io
+
+    torch.manual_seed(0)
+    folder = tmp_path / "bert"
+    config = BertConfig(vocab_size=11, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
+                        intermediate_size=64, max_position_embeddings=16, num_labels=2)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    _tokenizer().save_pretrained(folder)
+    (tmp_path / "t.csv").write_text("text,label\n" + "a good movie,1\nbad plot was,0\n" * 4)
+    common = [str(folder), "--seq-len", "8", "--data", str(tmp_path / "t.csv"), "--sparsity",
+              "0.3", "--budget", "params", "--budget-scope", "bert.encoder", "--latency-batch",
+              "0", "--eval-samples", "0"]
+
+    res = invoke("prune", *common, "--criterion", "magnitude", "--allocation", "global",
+                 "--out", str(tmp_path / "global"))
+    assert res.exit_code == 0, res.output
+    assert NOT_PLAIN in " ".join(res.output.split())
+    assert NOT_PLAIN in (tmp_path / "global" / "report.md").read_text()
+    assert not (tmp_path / "global" / "config.json").exists()
+
+    res = invoke("prune", *common, "--uniform-widths", "--out", str(tmp_path / "plain"))
+    assert res.exit_code == 0, res.output
+    assert PLAIN in " ".join(res.output.split())
+    assert PLAIN in (tmp_path / "plain" / "report.md").read_text()
+    plan = json.loads((tmp_path / "plain" / "plan.json").read_text())
+    assert {g["kind"] for g in plan["groups"] if _kept(g) < g["atoms"]} == {"neuron"}
+    ids = torch.tensor([[2, 5, 6, 8, 3, 0, 0, 0]])
+    mask = (ids > 0).long()
+    mine = io.load(tmp_path / "plain")(input_ids=ids, attention_mask=mask).logits
+    theirs = AutoModelForSequenceClassification.from_pretrained(tmp_path / "plain").eval()
+    # the same weights; transformers' loader leaves them in other memory (copied into fresh
+    # tensors the outputs agree to the bit), so the matrix products may round differently
+    assert torch.allclose(theirs(input_ids=ids, attention_mask=mask).logits, mine, rtol=0,
+                          atol=1e-6)
+
+    res = invoke("prune", *common, "--uniform-widths", "--allocation", "global",
+                 "--out", str(tmp_path / "refused"))
+    assert res.exit_code == 1 and "allocation='uniform'" in res.output

@@ -75,7 +75,9 @@ def test_non_uniform_heads_round_trip_through_surgery_only(tmp_path):
     assert "config.json" not in os.listdir(folder)  # BertConfig cannot describe it
     assert same(io.load(folder), small, x)
     small.save_pretrained(tmp_path / "hf")
-    with pytest.raises(Exception, match="mismatch"):  # loud, never silently re-initialised
+    # loud, never silently re-initialised: the config holds the largest layer's head count
+    # (3 heads of 16 in 64 dims), which BertConfig refuses, and any other would mismatch
+    with pytest.raises(Exception, match="mismatch|not a multiple"):
         AutoModelForSequenceClassification.from_pretrained(tmp_path / "hf")
 
 

@@ -3,6 +3,8 @@ most, across block boundaries of the blocked Cholesky, and redundancy is seen.""
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import pytest
 import torch
@@ -116,3 +118,21 @@ def test_multi_column_atoms_pick_by_joint_mi() -> None:
     assert list(kept) == sorted(expected)
     out = np.setdiff1d(np.arange(atoms), kept)
     assert np.isfinite(scores).all() and scores[kept].min() > scores[out].max()
+
+
+def test_block_log_determinants_match_slogdet() -> None:
+    """Wide atoms (a KV group of three query heads of 64 columns) take their log determinants
+    by Cholesky; blocks that are not positive definite (an atom already kept: zero after the
+    Schur complement; a copy of one) get log |det| from their eigenvalues, as slogdet did."""
+    from surgery.scoring.selection import _logdet
+
+    g = torch.Generator().manual_seed(4)
+    a = torch.randn(2, 3, 192, 400, generator=g, dtype=torch.float64)
+    blocks = a @ a.transpose(-1, -2) / 400
+    blocks[0, 1] = 0.0  # kept already
+    low = torch.randn(192, 100, generator=g, dtype=torch.float64)
+    blocks[1, 2] = low @ low.T  # rank 100 of 192
+    got, want = _logdet(blocks), torch.linalg.slogdet(blocks)[1]
+    finite = torch.isfinite(want) & (want > -1e3)
+    assert torch.allclose(got[finite], want[finite], rtol=1e-10)
+    assert got[0, 1] == -math.inf and got[1, 2] < -1e3  # singular either way

@@ -20,8 +20,7 @@ from typing import Callable
 import torch
 import torch.fx as fx
 
-from surgery import hookimpl
-from surgery.propagate import Consume, Propagation, Track
+from surgery.plugins import Consume, Propagation, Track, hookimpl
 
 from surgery_example_plugin.model import GatedBlockNet, ScaledLinear
 

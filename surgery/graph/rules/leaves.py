@@ -1,5 +1,5 @@
-"""Rules for modules kept whole as fx leaves whose layout is known: multi-head attention and
-embeddings.
+"""Rules for modules kept whole as fx leaves whose layout is known: multi-head attention (and
+embeddings, :mod:`surgery.graph.rules.embeddings`).
 
 fx cannot trace the attention modules of current Hugging Face and timm models well: their
 forwards unpack traced shapes (``(*input_shape, -1, head_dim)``), dispatch through attention
@@ -11,14 +11,27 @@ module as one fx leaf and describe it with :func:`attention_rule`, built from a
 * every input column of q, k, v (and of a fused qkv) reads the hidden channels coming in;
 * the rows of one head in q, k and v, plus any per-head output norm/gate rows and the input
   columns of an output projection inside the module, are one atom: a head is removed whole, so
-  every kept head keeps its size and the attention arithmetic stays the same;
+  every kept head keeps its size and the attention arithmetic stays the same (``head_dim`` is
+  never cut: rotary embeddings rotate pairs inside it);
+* with grouped-query attention (fewer key/value heads than query heads, each key/value head
+  read by ``n_q / n_kv`` consecutive query heads) the atom is a *KV group*: one key/value head
+  with the query heads that read it, so cutting it lowers both counts together and the query
+  heads per group stay equal (what ``repeat_kv`` needs). With ``query_atoms=True`` the
+  key/value heads stay and the atom is *query slot j of every group* instead;
 * the module's output carries either the value rows (head layout; the model's own output
   projection reads them) or its internal output projection's rows.
 
-Embedding modules (token, position and type tables, patch convolutions, class tokens, learned
-position tables) are leaves too, described by :func:`embeddings_rule`: every table's width is
-one residual-stream channel. After slicing, :func:`fix_attention` recomputes the head count
-(and the products of it) from the new weights.
+Projections are ``nn.Linear`` or modules with a 2-d ``weight`` stored transposed
+(``[in, out]``, transformers' ``Conv1D`` in GPT-2: ``HeadLayout.transposed``); a fused qkv is
+laid out part by part (``[q heads | k heads | v heads]``, GQA allowed) or head by head
+(``[heads, 3, head_dim]``, GPT-NeoX: ``qkv_order="head"``).
+
+A leaf holding a parameter or buffer the layout does not name, with a size a cut could change
+(OLMo 2's q/k norms over all heads at once), is refused: opaque, its channels frozen, the
+reason naming the tensor. Embedding modules are leaves too, described by
+:func:`~surgery.graph.rules.embeddings.embeddings_rule` (re-exported here). After slicing,
+:func:`fix_attention` recomputes the head counts (and the products of them) from the new
+weights.
 """
 
 from __future__ import annotations
@@ -32,6 +45,7 @@ import torch.nn as nn
 from torch.fx.passes.shape_prop import TensorMetadata
 
 from surgery.graph.propagate import Consume, Propagation, Track
+from surgery.graph.rules.embeddings import embeddings_rule
 
 
 @dataclass(frozen=True)
@@ -39,50 +53,125 @@ class HeadLayout:
     """Where a multi-head attention module keeps its projections (child module names).
 
     Either ``q``/``k``/``v`` (separate projections, rows ``[heads, head_dim]``) or ``qkv`` (one
-    fused projection, rows ``[3, heads, head_dim]``). ``out`` is an output projection *inside*
-    the module (its input columns are per head), or None when the model applies it outside.
-    ``heads``/``head_dim`` name the attributes holding the head count and size; ``products``
-    name attributes equal to ``heads * head_dim`` and ``hidden`` attributes equal to the input
-    width, both recomputed after slicing. ``per_head_rows`` are child modules whose parameters'
-    dim 0 is laid out like the value rows (an output norm or gate)."""
+    fused projection: rows ``[q heads | k heads | v heads]`` with ``qkv_order="part"``,
+    ``[heads, 3, head_dim]`` with ``qkv_order="head"``). ``out`` is an output projection
+    *inside* the module (its input columns are per query head), or None when the model applies
+    it outside. ``transposed``: the projections store their weight ``[in, out]`` (GPT-2's
+    ``Conv1D``) instead of ``nn.Linear``'s ``[out, in]``.
+
+    ``head_dim`` names the attribute holding the head size (never cut). ``heads`` names the
+    attribute holding the query head count, or None when the module keeps none (the counts
+    are then read from the weights); ``kv_heads`` the key/value head count and ``kv_groups``
+    the query heads per key/value head (``num_key_value_groups``), where the module keeps
+    them; all are recomputed after slicing. ``products`` name attributes equal to
+    ``heads * head_dim`` and ``hidden`` attributes equal to the input width, both recomputed
+    too. ``per_head_rows`` are child modules whose parameters' dim 0 is laid out like the
+    query heads' output (an output norm or gate)."""
 
     q: str | None = None
     k: str | None = None
     v: str | None = None
     qkv: str | None = None
     out: str | None = None
-    heads: str = "num_attention_heads"
+    heads: str | None = "num_attention_heads"
     head_dim: str = "attention_head_size"
     products: tuple[str, ...] = ()
     hidden: tuple[str, ...] = ()
     per_head_rows: tuple[str, ...] = ()
+    kv_heads: str | None = None
+    kv_groups: str | None = None
+    qkv_order: str = "part"
+    transposed: bool = False
 
     def first_projection(self) -> str:
         return self.qkv or self.q  # type: ignore[return-value]
 
+    @property
+    def rows(self) -> int:
+        """The weight dim holding a projection's outputs (its input is the other one)."""
+        return 1 if self.transposed else 0
 
-def _linear(module: nn.Module, name: str | None) -> nn.Linear | None:
+
+def _projection_module(module: nn.Module, name: str | None) -> nn.Module | None:
+    """Child ``name`` when it is a projection: an ``nn.Linear`` or a module with a 2-d
+    ``weight`` (a transposed ``Conv1D``)."""
     if name is None:
         return None
     sub = getattr(module, name, None)
-    return sub if isinstance(sub, nn.Linear) else None
+    if isinstance(sub, nn.Linear):
+        return sub
+    weight = getattr(sub, "weight", None)
+    return sub if isinstance(sub, nn.Module) and getattr(weight, "ndim", 0) == 2 else None
+
+
+def _width(module: nn.Module, layout: HeadLayout, name: str, outputs: bool = True) -> int:
+    sub = getattr(module, name)
+    return int(sub.weight.shape[layout.rows if outputs else 1 - layout.rows])
+
+
+def head_counts(module: nn.Module, layout: HeadLayout) -> tuple[int, int]:
+    """(query heads, key/value heads) of an attention module, read from its weights: the
+    output projection's input width (or the query rows) over the head size, and the key rows
+    (or what a fused projection has beyond the queries, halved)."""
+    dim = int(getattr(module, layout.head_dim))
+    if layout.out:
+        n_q = _width(module, layout, layout.out, outputs=False) // dim
+    elif layout.q:
+        n_q = _width(module, layout, layout.q) // dim
+    else:
+        n_q = _width(module, layout, layout.qkv) // (3 * dim)  # type: ignore[arg-type]
+    if layout.qkv:
+        n_kv = (_width(module, layout, layout.qkv) // dim - n_q) // 2
+    else:
+        n_kv = _width(module, layout, layout.k) // dim  # type: ignore[arg-type]
+    return n_q, n_kv
 
 
 def matches(module: nn.Module, layout: HeadLayout, sizes: bool = True) -> bool:
-    """Whether ``module`` has the children and attributes ``layout`` names (and, with
-    ``sizes``, projections of ``heads * head_dim`` rows: false after slicing, before the fix)."""
+    """Whether ``module`` is an attention module with ``layout``, judged from the module alone.
+
+    Structure: the children and integer attributes ``layout`` names, projections of the
+    orientation it says, each writing a multiple of ``head_dim`` rows, and query rows (or a
+    fused qkv's) that agree with the head counts read from the weights (an inside output
+    projection reading exactly the query heads' values). This holds before and after heads
+    are cut, so fix-ups recognise a pruned module in a process that never traced it. With
+    ``sizes``, the module's head attributes must also agree with its weights: the module is
+    consistent, as the channel rule needs (it reshapes the rows into its head count); a
+    sliced module is consistent only once :func:`fix_attention` has run."""
     names = [layout.qkv] if layout.qkv else [layout.q, layout.k, layout.v]
-    if any(_linear(module, n) is None for n in names):
+    if layout.out:
+        names.append(layout.out)
+    if any(_projection_module(module, n) is None for n in names):
         return False
-    if layout.out and _linear(module, layout.out) is None:
+    if any(isinstance(getattr(module, n), nn.Linear) == layout.transposed for n in names):
         return False
-    if not all(isinstance(getattr(module, a, None), int) for a in (layout.heads, layout.head_dim)):
+    attrs = [layout.head_dim] + ([layout.heads] if layout.heads else [])
+    values = [getattr(module, a, None) for a in attrs]
+    if not all(isinstance(v, int) and not isinstance(v, bool) and v > 0 for v in values):
+        return False
+    dim = values[0]
+    projections = names[:-1] if layout.out else names
+    if any(_width(module, layout, n) % dim for n in projections):
+        return False
+    if not layout.qkv and _width(module, layout, layout.k) != _width(module, layout, layout.v):
+        return False
+    n_q, n_kv = head_counts(module, layout)
+    if n_kv <= 0 or n_q % n_kv:
+        return False
+    if layout.qkv:
+        expected = (n_q + 2 * n_kv) * dim
+        if layout.qkv_order == "head" and n_q != n_kv:
+            return False
+    else:
+        expected = n_q * dim
+    if _width(module, layout, names[0]) != expected:
         return False
     if not sizes:
         return True
-    heads, dim = getattr(module, layout.heads), getattr(module, layout.head_dim)
-    rows = _linear(module, names[0]).out_features
-    return rows == heads * dim * (3 if layout.qkv else 1)
+    if layout.heads and getattr(module, layout.heads) != n_q:
+        return False
+    groups = getattr(module, layout.kv_groups, None) if layout.kv_groups else None
+    return not (isinstance(groups, int) and groups != n_q // n_kv)
 
 
 # ---------------------------------------------------------------------------------------
@@ -99,13 +188,13 @@ def _hidden_input(node: fx.Node, names: Iterable[str] = ("hidden_states", "x")) 
     return next(iter(node.kwargs.values()), None)
 
 
-def _projection(prop: Propagation, module: nn.Module, prefix: str, name: str,
-                in_ids: np.ndarray) -> np.ndarray:
-    """Union a linear child's input columns with ``in_ids``; return its row ids."""
+def _projection(prop: Propagation, module: nn.Module, layout: HeadLayout, prefix: str,
+                name: str, in_ids: np.ndarray) -> np.ndarray:
+    """Union a projection child's input columns with ``in_ids``; return its output ids."""
     full = f"{prefix}.{name}"
-    rows = prop.param(f"{full}.weight", 0)
-    prop.union(prop.param(f"{full}.weight", 1), in_ids)
-    if getattr(module, name).bias is not None:
+    rows = prop.param(f"{full}.weight", layout.rows)
+    prop.union(prop.param(f"{full}.weight", 1 - layout.rows), in_ids)
+    if getattr(getattr(module, name), "bias", None) is not None:
         prop.union(prop.param(f"{full}.bias", 0), rows)
     return rows
 
@@ -128,67 +217,121 @@ def _freeze_other_tracks(prop: Propagation, arg: Any, keep_axis: int | None, rea
         prop.freeze(t.ids, reason)
 
 
-def attention_rule(layout: HeadLayout) -> Callable[[Propagation, fx.Node, nn.Module], None]:
-    """The channel rule of an attention leaf with ``layout``; see the module docstring."""
+def _atoms(prop: Propagation, n_q: int, n_kv: int, query_atoms: bool, prefix: str
+           ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(atom ids, the atom of each query head, the atom of each key/value head). Query head
+    ``h`` reads key/value head ``h // (n_q / n_kv)``. KV groups: atom ``g`` is key/value head
+    ``g`` with its query heads. Query slots (``query_atoms``, several query heads per group):
+    atom ``j`` is the ``j``-th query head of every group, and the key/value heads are pinned."""
+    per = n_q // n_kv
+    if query_atoms and per > 1:
+        atoms = prop.fresh(per)
+        kv = prop.fresh(n_kv)
+        prop.freeze(kv, f"key/value heads of {prefix} (query heads are the atoms)")
+        prop.internal.append(kv)
+        return atoms, np.tile(atoms, n_kv), kv
+    atoms = prop.fresh(n_kv)
+    return atoms, np.repeat(atoms, per), atoms
+
+
+def _qkv_rows(prop: Propagation, module: nn.Module, layout: HeadLayout, prefix: str,
+              in_ids: np.ndarray, n_q: int, n_kv: int, dim: int
+              ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Output ids of the query, key and value projections, each ``[heads, head_dim]``."""
+    if not layout.qkv:
+        return tuple(_projection(prop, module, layout, prefix, name, in_ids).reshape(-1, dim)
+                     for name in (layout.q, layout.k, layout.v))  # type: ignore[return-value]
+    rows = _projection(prop, module, layout, prefix, layout.qkv, in_ids)
+    if layout.qkv_order == "head":
+        grid = rows.reshape(n_q, 3, dim)
+        return grid[:, 0], grid[:, 1], grid[:, 2]
+    q, k, v = np.split(rows, [n_q * dim, (n_q + n_kv) * dim])
+    return q.reshape(n_q, dim), k.reshape(n_kv, dim), v.reshape(n_kv, dim)
+
+
+def _undescribed_tensor(module: nn.Module, layout: HeadLayout, dim: int) -> str | None:
+    """A parameter or buffer of the leaf outside the projections and per-head children the
+    layout names, with a size a cut could change (anything but ``head_dim``): slicing would
+    miss it (OLMo 2's q/k norms over all heads), so the leaf is refused. Per-head-dim tensors
+    (Qwen3's and Gemma 3's q/k norms) are fine: ``head_dim`` is never cut."""
+    described = {n for n in (layout.q, layout.k, layout.v, layout.qkv, layout.out) if n}
+    described |= set(layout.per_head_rows)
+    tensors = list(module.named_parameters()) + list(module.named_buffers())
+    for name, tensor in tensors:
+        if name.split(".")[0] not in described and any(n not in (1, dim) for n in tensor.shape):
+            return f"{name} {tuple(tensor.shape)}"
+    return None
+
+
+def attention_rule(layout: HeadLayout, query_atoms: bool = False
+                   ) -> Callable[[Propagation, fx.Node, nn.Module], None]:
+    """The channel rule of an attention leaf with ``layout``; see the module docstring.
+    ``query_atoms``: with grouped-query attention, cut query heads (slot ``j`` of every KV
+    group) and keep every key/value head, instead of whole KV groups."""
 
     def rule(prop: Propagation, node: fx.Node, module: nn.Module) -> None:
         x = _hidden_input(node)
         shape = prop.shape(x)
+        prefix = node.target
         if shape is None:
-            prop.opaque_op(node, f"attention {node.target} without shapes")
+            prop.opaque_op(node, f"attention {prefix} without shapes")
+            return
+        dim = int(getattr(module, layout.head_dim))
+        n_q, n_kv = head_counts(module, layout)
+        if n_kv <= 0 or n_q % n_kv or (n_q != n_kv and (
+                layout.qkv_order == "head" or not layout.out)):
+            prop.opaque_op(node, f"attention {prefix} with {n_q} query and {n_kv} key/value "
+                           "heads in a layout the rule does not describe")
+            return
+        unknown = _undescribed_tensor(module, layout, dim)
+        if unknown is not None:
+            prop.opaque_op(node, f"attention {prefix} holding {unknown}, which its layout does "
+                           "not describe")
             return
         nd = len(shape)
         in_ids = prop.channel_ids(x, -1, "input of attention")
-        n_heads = int(getattr(module, layout.heads))
-        head_dim = int(getattr(module, layout.head_dim))
-        heads = prop.fresh(n_heads)
-        prefix = node.target
-        if layout.qkv:
-            rows = _projection(prop, module, prefix, layout.qkv, in_ids)
-            rows = rows.reshape(3, n_heads, head_dim)
-            prop.union(rows, heads[None, :, None])
-            value_rows = rows[2].reshape(-1)
-        else:
-            value_rows = None
-            for name in (layout.q, layout.k, layout.v):
-                rows = _projection(prop, module, prefix, name, in_ids).reshape(n_heads, head_dim)
-                prop.union(rows, heads[:, None])
-                value_rows = rows.reshape(-1)
+        atoms, q_atom, kv_atom = _atoms(prop, n_q, n_kv, query_atoms, prefix)
+        q_rows, k_rows, v_rows = _qkv_rows(prop, module, layout, prefix, in_ids, n_q, n_kv, dim)
+        prop.union(q_rows, q_atom[:, None])
+        prop.union(k_rows, kv_atom[:, None])
+        prop.union(v_rows, kv_atom[:, None])
         for name in layout.per_head_rows:
             sub = getattr(module, name, None)
             if sub is None:
                 continue
             for pname, p in sub.named_parameters(recurse=False):
-                if p.ndim and p.shape[0] == n_heads * head_dim:
-                    ids = prop.param(f"{prefix}.{name}.{pname}", 0).reshape(n_heads, head_dim)
-                    prop.union(ids, heads[:, None])
-        out_ids = value_rows
+                if p.ndim and p.shape[0] == n_q * dim:
+                    ids = prop.param(f"{prefix}.{name}.{pname}", 0).reshape(n_q, dim)
+                    prop.union(ids, q_atom[:, None])
+        out_ids = v_rows.reshape(-1)
         if layout.out:
             full = f"{prefix}.{layout.out}"
-            cols = prop.param(f"{full}.weight", 1)
-            prop.union(cols.reshape(n_heads, head_dim), heads[:, None])
-            out_ids = prop.param(f"{full}.weight", 0)
-            if getattr(module, layout.out).bias is not None:
+            cols = prop.param(f"{full}.weight", 1 - layout.rows)
+            prop.union(cols.reshape(n_q, dim), q_atom[:, None])
+            out_ids = prop.param(f"{full}.weight", layout.rows)
+            if getattr(getattr(module, layout.out), "bias", None) is not None:
                 prop.union(prop.param(f"{full}.bias", 0), out_ids)
         _freeze_other_tracks(prop, x, -1, f"token axis through attention {prefix}")
         for arg in node.all_input_nodes:
             if arg is not x:
-                _freeze_other_tracks(prop, arg, None, f"extra input of attention {prefix}", heads)
+                _freeze_other_tracks(prop, arg, None, f"extra input of attention {prefix}", q_atom)
         prop.consumes.append(Consume(node.name, x.name, Track((nd - 1,), in_ids)))
         if layout.out:  # the heads are read inside: observe the output projection's input
             prop.consumes.append(Consume(node.name, node.name, Track((nd - 1,), cols),
                                          module=f"{prefix}.{layout.out}"))
         prop.produces[node.name] = out_ids
-        prop.mac_factors[node.name] = [in_ids, value_rows]
-        prop.internal.append(heads)
+        # MACs scale with the query heads kept (q, scores, output projection; k and v too
+        # when whole KV groups go)
+        prop.mac_factors[node.name] = [in_ids, q_rows.reshape(-1)]
+        prop.internal.append(atoms)
         meta = node.meta.get("tensor_meta")
         if isinstance(meta, (tuple, list)) and not isinstance(meta, TensorMetadata):
             outs: list[Any] = []
             for i, m in enumerate(meta):
                 if i == 0:
                     outs.append([Track((nd - 1,), out_ids)])
-                elif hasattr(m, "shape") and len(m.shape) == 4 and m.shape[1] == n_heads:
-                    outs.append([Track((1,), heads)])  # attention probabilities, per head
+                elif hasattr(m, "shape") and len(m.shape) == 4 and m.shape[1] == n_q:
+                    outs.append([Track((1,), q_atom)])  # attention probabilities, per head
                 else:
                     outs.append([])
             prop.set(node, tuple(outs))
@@ -198,78 +341,26 @@ def attention_rule(layout: HeadLayout) -> Callable[[Propagation, fx.Node, nn.Mod
     return rule
 
 
-_NORMS = (nn.LayerNorm, nn.GroupNorm, nn.modules.batchnorm._NormBase)
-
-
-def embeddings_rule(prop: Propagation, node: fx.Node, module: nn.Module) -> None:
-    """An embeddings leaf: the sum (or concatenation along tokens) of tables whose width is the
-    model's hidden size, optionally normalised. Every such width is one residual channel:
-    ``nn.Embedding`` columns, patch-convolution output channels, the last dim of directly held
-    parameters (class/distillation tokens, learned position tables), norm parameters."""
-    out_shape = prop.shape(node)
-    if out_shape is None:
-        prop.opaque_op(node, f"embeddings {node.target} without shapes")
-        return
-    width = out_shape[-1]
-    nd = len(out_shape)
-    joined: list[np.ndarray] = []
-    prefix = node.target
-    for name, sub in module.named_modules():
-        full = f"{prefix}.{name}" if name else prefix
-        if isinstance(sub, nn.Embedding) and sub.embedding_dim == width:
-            joined.append(prop.param(f"{full}.weight", 1))
-        elif isinstance(sub, _NORMS) and getattr(sub, "weight", None) is not None \
-                and sub.weight.shape[0] == width:
-            joined.extend(prop.param(f"{full}.{p}", 0) for p in ("weight", "bias")
-                          if getattr(sub, p, None) is not None)
-        elif isinstance(sub, nn.modules.conv._ConvNd) and sub.out_channels == width:
-            rows = prop.param(f"{full}.weight", 0)
-            joined.append(rows)
-            if sub.bias is not None:
-                prop.union(prop.param(f"{full}.bias", 0), rows)
-            pixels = next((a for a in node.all_input_nodes if prop.shape(a) is not None
-                           and len(prop.shape(a)) == sub.weight.ndim), None)
-            if pixels is not None and sub.groups == 1:
-                cols = prop.channel_ids(pixels, 1, "input of a patch embedding")
-                prop.union(cols, prop.param(f"{full}.weight", 1))
-    for pname, p in module.named_parameters(recurse=False):
-        if p.ndim and p.shape[-1] == width:
-            joined.append(prop.param(f"{prefix}.{pname}", p.ndim - 1))
-    if not joined:
-        prop.opaque_op(node, f"embeddings {prefix} with no table of width {width}")
-        return
-    ids = joined[0]
-    for other in joined[1:]:
-        prop.union(other, ids)
-    for arg in node.all_input_nodes:
-        shape = prop.shape(arg)
-        for t in prop.get(arg):
-            if shape is not None and t.axes == (len(shape) - 1,) and shape[-1] == width:
-                prop.union(t.ids, ids)  # inputs_embeds given directly
-            else:
-                prop.freeze(t.ids, f"input of embeddings {prefix}")
-    prop.produces[node.name] = ids
-    prop.mac_factors[node.name] = [ids]  # a patch convolution's MACs scale with the width
-    prop.set(node, [Track((nd - 1,), ids)])
-
-
 # ---------------------------------------------------------------------------------------
 # Fix-ups and group kinds
 # ---------------------------------------------------------------------------------------
 
 
 def fix_attention(module: nn.Module, layout: HeadLayout) -> None:
-    """Recompute the head count and its products from the sliced weights."""
-    head_dim = int(getattr(module, layout.head_dim))
-    first = getattr(module, layout.first_projection())
-    rows = first.weight.shape[0] // (3 if layout.qkv else 1)
-    setattr(module, layout.heads, rows // head_dim)
+    """Recompute the head counts and their products from the sliced weights."""
+    dim = int(getattr(module, layout.head_dim))
+    n_q, n_kv = head_counts(module, layout)
+    for attr, value in ((layout.heads, n_q), (layout.kv_heads, n_kv),
+                        (layout.kv_groups, n_q // max(n_kv, 1))):
+        if attr and isinstance(getattr(module, attr, None), int):
+            setattr(module, attr, value)
     for attr in layout.products:
         if hasattr(module, attr):
-            setattr(module, attr, rows)
+            setattr(module, attr, n_q * dim)
     for attr in layout.hidden:
         if hasattr(module, attr):
-            setattr(module, attr, first.weight.shape[1])
+            setattr(module, attr, _width(module, layout, layout.first_projection(), False))
 
 
-__all__ = ["HeadLayout", "matches", "attention_rule", "embeddings_rule", "fix_attention"]
+__all__ = ["HeadLayout", "matches", "head_counts", "attention_rule", "embeddings_rule",
+           "fix_attention"]

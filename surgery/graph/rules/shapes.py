@@ -18,7 +18,14 @@ import torch.nn.functional as F
 
 from surgery.graph.propagate import Propagation, Track, Tracks
 from surgery.graph.rules.registry import BUILTIN
-from surgery.graph.rules.tracks import merge_tracks, node_args, pin_size_reads, size_read
+from surgery.graph.rules.tracks import (
+    SizeRead,
+    merge_tracks,
+    node_args,
+    pin_size_reads,
+    shape_entries,
+    size_read,
+)
 
 
 def _factor_groups(a: list[int], b: list[int]) -> list[tuple[list[int], list[int]]]:
@@ -117,15 +124,21 @@ def view_rule(prop: Propagation, node: fx.Node) -> None:
             prop.freeze(t.ids, "reshape to a literal channel count")
     if len(shape_args) == 1 and isinstance(shape_args[0], (tuple, list)):
         shape_args = list(shape_args[0])
-    if len(shape_args) != len(out_shape):  # a shape computed as a whole: cannot align axes
-        pin_size_reads(prop, shape_args, "its size fixes a reshape")
-        prop.set(node, out)
-        return
+    if len(shape_args) != len(out_shape):  # a shape computed as a whole
+        entries = shape_entries(prop, shape_args[0]) if len(shape_args) == 1 else None
+        if entries is None or len(entries) != len(out_shape):  # cannot align axes
+            pin_size_reads(prop, shape_args, "its size fixes a reshape")
+            prop.set(node, out)
+            return
+        shape_args = entries
+        for t in out:
+            if t.axes[0] in _literal_dims(entries):
+                prop.freeze(t.ids, "reshape to a literal channel count")
     mine = {t.axes[0]: t for t in out}
     for axis, size in enumerate(shape_args):
-        if not isinstance(size, fx.Node):
+        if not isinstance(size, (fx.Node, SizeRead)):
             continue
-        direct = size_read(prop, size)
+        direct = [(size.tensor, size.axis)] if isinstance(size, SizeRead) else size_read(prop, size)
         if direct is not None and len(direct) == 1 and axis in mine:
             read = prop.track_on(*direct[0])
             if read is not None and len(read.ids) == len(mine[axis].ids):
@@ -133,7 +146,12 @@ def view_rule(prop: Propagation, node: fx.Node) -> None:
                 continue
         if axis in mine:
             prop.freeze(mine[axis].ids, "reshape to a computed channel count")
-        pin_size_reads(prop, size, "its size fixes a reshape")
+        if isinstance(size, SizeRead):
+            t = prop.track_on(size.tensor, size.axis)
+            if t is not None:
+                prop.freeze(t.ids, "its size fixes a reshape")
+        else:
+            pin_size_reads(prop, size, "its size fixes a reshape")
     prop.set(node, out)
 
 
@@ -318,8 +336,11 @@ def _untracked(prop: Propagation, size: int) -> np.ndarray:
 @BUILTIN.function(torch.split, torch.chunk, torch.unbind, "Tensor.split", "Tensor.chunk",
                   "Tensor.unbind")
 def split_rule(prop: Propagation, node: fx.Node) -> None:
-    """split/chunk/unbind: outputs are a tuple; splitting a channel axis pins it, since the
-    split sizes are fixed when the graph was traced."""
+    """split/chunk/unbind: outputs are a tuple. Splitting a channel axis into equal pieces
+    (``gate, up = x.chunk(2, -1)``, Phi-3's fused ``gate_up_proj``) makes position ``i`` of
+    every piece one channel: cut alike, the pieces stay equal, which is all ``chunk`` (and a
+    split into equal sizes) needs. Unequal pieces and ``unbind`` pin the axis, since the split
+    sizes are fixed when the graph was traced."""
     src = node.args[0]
     in_shape = prop.shape(src)
     metas = node.meta.get("tensor_meta")
@@ -335,12 +356,18 @@ def split_rule(prop: Propagation, node: fx.Node) -> None:
         dim = node_args(node, ("input", "split_size_or_sections", "dim"))[2] or 0
     nd = len(in_shape)
     dim %= nd
+    sizes = {tuple(meta.shape)[dim] for meta in metas} if name != "unbind" else set()
     outs = []
     for meta in metas:
         shape = tuple(meta.shape)
         tracks = []
         for t in prop.get(src):
             (axis,) = t.axes
+            if axis == dim and len(sizes) == 1 and len(t.ids) == len(metas) * min(sizes):
+                pieces = t.ids.reshape(len(metas), -1)
+                prop.union(pieces, pieces[:1])
+                tracks.append(Track((axis,), pieces[0]))
+                continue
             if axis == dim:
                 prop.freeze(t.ids, f"{name} along a channel axis")
                 continue

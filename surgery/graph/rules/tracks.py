@@ -11,6 +11,7 @@ from __future__ import annotations
 import builtins
 import math
 import operator
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -238,6 +239,44 @@ def pin_size_reads(prop: Propagation, arg: Any, reason: str) -> None:
         t = prop.track_on(tensor, axis)
         if t is not None:
             prop.freeze(t.ids, reason)
+
+
+@dataclass(frozen=True)
+class SizeRead:
+    """One entry of a shape computed as a whole: the size of ``tensor``'s axis ``axis``."""
+
+    tensor: fx.Node
+    axis: int
+
+
+def shape_entries(prop: Propagation, arg: Any) -> list[Any] | None:
+    """A shape computed as a whole, entry by entry: ints, scalar size nodes, and
+    :class:`SizeRead` for sizes taken from a whole shape (``x.view(y.shape)``,
+    ``(-1,) + shape[1:] + (h.size(-1),)``, GPT-2 and OPT); None when it cannot be followed."""
+    if isinstance(arg, (tuple, list)):
+        out: list[Any] = []
+        for item in arg:
+            if isinstance(item, fx.Node) and not _is_sequence(item):
+                out.append(item)
+            else:
+                sub = shape_entries(prop, item) if isinstance(item, (fx.Node, tuple, list)) \
+                    else [item]
+                if sub is None:
+                    return None
+                out.extend(sub)
+        return out
+    if not isinstance(arg, fx.Node) or not _is_sequence(arg):
+        return None
+    if arg.op == "call_function" and arg.target is operator.add and len(arg.args) == 2:
+        left, right = (shape_entries(prop, a) for a in arg.args)
+        return None if left is None or right is None else left + right
+    read = size_read(prop, arg)
+    return None if read is None else [SizeRead(t, a) for t, a in read]
+
+
+def _is_sequence(node: fx.Node) -> bool:
+    kind = node.meta.get("type")
+    return isinstance(kind, type) and issubclass(kind, (tuple, list))
 
 
 @BUILTIN.function(*NO_CHANNEL_FUNCTIONS)
