@@ -4,6 +4,8 @@ neurons and attention heads, chosen by mutual information propagated top-down.
 The public API is small::
 
     pruned, plan = surgery.prune(model, example_inputs, calib_data, sparsity=0.5)
+    pruned, plan = surgery.prune(model, x, calib_data, budget="latency", target_speedup=2,
+                                 latency=surgery.LatencySpec(batch=32))  # measured, this device
     plan = surgery.make_plan(model, example_inputs, calib_data, options=surgery.PruneOptions())
     surgery.groups(model, example_inputs)     # the coupled channel groups
     surgery.apply_plan(fresh_model, plan)     # re-apply a saved plan
@@ -37,13 +39,13 @@ from surgery.errors import (  # noqa: E402
 )
 from surgery.graph.capture import trace  # noqa: E402
 from surgery.hookspecs import hookimpl  # noqa: E402
-from surgery.options import PruneOptions  # noqa: E402
+from surgery.options import LatencySpec, PruneOptions  # noqa: E402
 from surgery.timing import measure_latency  # noqa: E402
 
 __version__ = "0.1.0"
 
 __all__ = [
-    "prune", "make_plan", "PruneOptions", "groups", "couple", "trace", "apply_plan",
+    "prune", "make_plan", "PruneOptions", "LatencySpec", "groups", "couple", "trace", "apply_plan",
     "PruningPlan", "io", "count_params", "count_macs", "measure_latency", "hookimpl",
     "SurgeryError", "CaptureError", "BudgetError", "CalibrationError", "PlanError",
     "VerificationError", "PluginError", "StorageError", "OptionsError", "LoadError", "ExportError",

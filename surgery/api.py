@@ -71,6 +71,10 @@ def make_plan(model: torch.nn.Module, example_inputs: Any,
               **settings: Any) -> PruningPlan:
     """Decide what to keep without touching the model; the arguments are :func:`prune`'s."""
     opts = _options(options, sparsity, settings)
+    if opts.budget == "latency" or opts.round_to == "auto":
+        from surgery.latency import plan_to_latency
+
+        return plan_to_latency(model, example_inputs, calib_data, opts, progress=progress)
     return _decide(model, example_inputs, calib_data, opts, progress).plan
 
 
@@ -93,10 +97,23 @@ def prune(model: torch.nn.Module, example_inputs: Any,
     Returns ``(pruned_model, plan)``. The input model is not modified unless ``inplace``.
     """
     opts = _options(options, sparsity, settings)
+    if opts.budget == "latency" or opts.round_to == "auto":
+        from surgery.latency import prune_to_latency
+
+        return prune_to_latency(model, example_inputs, calib_data, opts, inplace=inplace,
+                                progress=progress)
     decision = _decide(model, example_inputs, calib_data, opts, progress,
                        statistics=opts.compensate)
     pruned = _realise(model, decision, example_inputs, compensate=opts.compensate,
                       inplace=inplace)
+    _recover(pruned, decision, calib_data, opts, example_inputs)
+    return pruned, decision.plan
+
+
+def _recover(pruned: torch.nn.Module, decision: "_Decision", calib_data: Iterable[Any] | None,
+             opts: PruneOptions, example_inputs: Any) -> None:
+    """BatchNorm re-estimation where the cut made statistics stale; the measured params and
+    MACs into ``plan.budget``."""
     plan = decision.plan
     if opts.recalibrate and calib_data is not None:
         stale = stale_batchnorms(decision.ctx.coupling, plan)
@@ -104,7 +121,6 @@ def prune(model: torch.nn.Module, example_inputs: Any,
             pruned, calib_data, opts.max_batches, only=stale) if stale else 0
     plan.budget["params"] = count_params(pruned)
     plan.budget["macs"] = count_macs(pruned, example_inputs) // max(1, rows(example_inputs))
-    return pruned, plan
 
 
 def _options(options: PruneOptions | None, sparsity: float,
@@ -126,11 +142,14 @@ class _Decision:
 
 def _decide(model: torch.nn.Module, example_inputs: Any, calib_data: Iterable[Any] | None,
             opts: PruneOptions, progress: Progress | None,
-            statistics: bool = False) -> _Decision:
+            statistics: bool = False, *, budget_model: Any = None,
+            coupling: Coupling | None = None, calibration: Any = None) -> _Decision:
     """make_plan's work; with ``statistics`` the calibration statistics are collected even
-    when the criterion needs none (compensation uses them)."""
+    when the criterion needs none (compensation uses them). A latency budget passes its
+    ``budget_model`` (:class:`surgery.budget.latency.LatencyModel`), the ``coupling`` it was
+    built on and, when deciding again, the ``calibration`` already collected."""
     crit = _criterion(opts, calib_data)
-    coupling = _coupling(model, example_inputs, opts)
+    coupling = coupling or _coupling(model, example_inputs, opts)
     limits = limit_to_config(coupling, model, opts.sparsity) if opts.uniform_widths else []
     cost = CostModel(coupling, node_macs(coupling.capture.graph_module,
                                          coupling.capture.example_args), opts.budget_scope,
@@ -141,8 +160,9 @@ def _decide(model: torch.nn.Module, example_inputs: Any, calib_data: Iterable[An
         raise CalibrationError("kind_weights='search' runs candidate pruned models on "
                                "calibration batches: pass calib_data.")
     weights = _kind_weights(opts, model, kinds)
+    allot = cost if budget_model is None else budget_model
     # uniform_counts validates the weights before calibration spends any time
-    counts = _counts(cost, opts, weights, limits)
+    counts = _counts(allot, opts, weights, limits)
     ctx = ScoreContext(coupling, seed=opts.seed, data=calib_data)
     if opts.sparsity == 0:  # nothing to remove: no statistics, no scores, every atom kept
         kept = {g.id: np.arange(g.atoms) for g in coupling.prunable}
@@ -158,14 +178,20 @@ def _decide(model: torch.nn.Module, example_inputs: Any, calib_data: Iterable[An
                        samples=SAMPLES if needs_samples else 0, seed=opts.seed)
         stages = _stages(coupling, calib_data, opts, search, statistics, options)
         if stages is None:
-            ctx.calibration = calibrate(coupling, calib_data, **options)
+            ctx.calibration = (calibration if calibration is not None
+                               else calibrate(coupling, calib_data, **options))
 
     def choose(w: dict[str, float] | None) -> tuple[dict, dict]:
         ctx.kept = {}
-        targets = counts if w is weights else _counts(cost, opts, w, limits)
+        targets = counts if w is weights else _counts(allot, opts, w, limits)
         kept, scores = top_down(crit, ctx, targets, progress=_stage(progress, "score"),
                                 stages=stages)
-        if opts.allocation == "global":
+        if opts.allocation == "global" and budget_model is not None:
+            from surgery.budget.latency import latency_kept
+
+            kept = latency_kept(budget_model, scores, opts.sparsity, round_to=opts.round_to,
+                                min_keep=opts.min_keep)
+        elif opts.allocation == "global":
             kept = global_kept(cost, scores, opts.sparsity, opts.budget,
                                round_to=opts.round_to, min_keep=opts.min_keep)
         return kept, scores

@@ -13,9 +13,11 @@ from dataclasses import dataclass
 from typing import Any, Mapping
 
 from surgery.budget.cost import KINDS
+from surgery.budget.latency_spec import LatencySpec, check_speedup
 from surgery.errors import BudgetError, CalibrationError, OptionsError
 
 TARGETS = ("output", "labels")
+BUDGETS = (*KINDS, "latency")
 ALLOCATIONS = ("uniform", "global")
 KIND_WEIGHT_MODES = ("search", "uniform")
 
@@ -25,7 +27,14 @@ class PruneOptions:
     """What to remove and how to choose it.
 
     - ``sparsity``: share of the ``budget`` to remove, in [0, 1).
-    - ``budget``: what ``sparsity`` counts: ``"macs"`` or ``"params"``.
+    - ``budget``: what ``sparsity`` counts: ``"macs"`` or ``"params"``; or ``"latency"``:
+      measured time on a device, with ``target_speedup`` (``sparsity`` is then unused).
+    - ``target_speedup``: with ``budget="latency"``, how many times faster than the dense
+      model (e.g. 2); or give ``latency=LatencySpec(target_ms=...)``.
+    - ``latency``: where and how latency is measured (device, threads, batch, backend
+      ``"torch"`` or ``"onnxruntime"``; :class:`surgery.budget.latency_spec.LatencySpec`);
+      default: CPU at torch's threads, the example inputs' batch. See
+      :mod:`surgery.budget.latency_table`.
     - ``budget_scope``: parameter-name prefixes the params budget counts (e.g.
       ``"bert.encoder"`` for "encoder parameters removed"); default: all parameters.
     - ``kinds``: only cut groups of these kinds (e.g. ``{"neuron", "head"}`` to keep a
@@ -47,8 +56,9 @@ class PruneOptions:
     - ``estimator``: the MI estimator of ``mi``/``mi_topk`` (``gaussian``, ``binned``,
       ``ksg`` or a plugin's).
     - ``round_to``: kept channels per group are multiples of this (e.g. 16 for hardware; a
-      head of 32 channels needs no rounding, a neuron does); ``min_keep``: the fewest atoms a
-      group keeps.
+      head of 32 channels needs no rounding, a neuron does); ``"auto"``: the multiple the
+      latency device was measured to prefer (1 when it prefers none); ``min_keep``: the
+      fewest atoms a group keeps.
     - ``max_batches``: calibration batches to use at most (default: all).
     - ``seed``: for ``random`` and the sample-based estimators' reservoirs.
     - ``distributed``: under ``torch.distributed`` (auto-detected when None), each rank folds
@@ -82,7 +92,7 @@ class PruneOptions:
     target: str = "output"
     allocation: str = "uniform"
     estimator: str = "gaussian"
-    round_to: int = 1
+    round_to: int | str = 1
     min_keep: int = 1
     max_batches: int | None = None
     seed: int = 0
@@ -91,6 +101,8 @@ class PruneOptions:
     recalibrate: bool = True
     uniform_widths: bool = False
     calibration_memory: int = 4 * 2**30
+    target_speedup: float | None = None
+    latency: LatencySpec | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__  # frozen: normalise once, here
@@ -110,8 +122,16 @@ class PruneOptions:
         self._check()
 
     def _check(self) -> None:
-        if self.budget not in KINDS:
-            raise BudgetError(f"budget must be one of {KINDS}, got {self.budget!r}.")
+        if self.budget not in BUDGETS:
+            raise BudgetError(f"budget must be one of {BUDGETS}, got {self.budget!r}.")
+        if self.latency is not None and not isinstance(self.latency, LatencySpec):
+            raise OptionsError(f"latency must be a surgery.LatencySpec, got "
+                               f"{type(self.latency).__name__}.")
+        if self.budget == "latency":
+            check_speedup(self.target_speedup, self.latency)
+        elif self.target_speedup is not None:
+            raise BudgetError(f"target_speedup is for budget='latency'; with "
+                              f"budget={self.budget!r} say how much to remove with sparsity.")
         if (not isinstance(self.sparsity, numbers.Real) or isinstance(self.sparsity, bool)
                 or not 0.0 <= self.sparsity < 1.0):
             raise BudgetError(
@@ -123,10 +143,11 @@ class PruneOptions:
         if self.allocation not in ALLOCATIONS:
             raise BudgetError(f"allocation must be one of {ALLOCATIONS}, got "
                               f"{self.allocation!r}.")
+        round_to = 1 if self.round_to == "auto" else self.round_to
         if not all(isinstance(v, numbers.Integral) and not isinstance(v, bool) and v >= 1
-                   for v in (self.round_to, self.min_keep)):
-            raise BudgetError(f"round_to and min_keep must be whole numbers >= 1 (got "
-                              f"{self.round_to!r}, {self.min_keep!r}).")
+                   for v in (round_to, self.min_keep)):
+            raise BudgetError(f"round_to and min_keep must be whole numbers >= 1, round_to may "
+                              f"also be 'auto' (got {self.round_to!r}, {self.min_keep!r}).")
         if (not isinstance(self.calibration_memory, numbers.Integral)
                 or self.calibration_memory < 1):
             raise BudgetError(f"calibration_memory must be a positive number of bytes, got "
@@ -159,7 +180,8 @@ class PruneOptions:
         return {"kind": self.budget, "scope": list(self.budget_scope),
                 "sparsity": self.sparsity, "allocation": self.allocation,
                 "round_to": self.round_to, "min_keep": self.min_keep,
-                "estimator": self.estimator, "uniform_widths": self.uniform_widths}
+                "estimator": self.estimator, "uniform_widths": self.uniform_widths,
+                **({"target_speedup": self.target_speedup} if self.budget == "latency" else {})}
 
 
-__all__ = ["PruneOptions", "TARGETS", "ALLOCATIONS"]
+__all__ = ["PruneOptions", "TARGETS", "ALLOCATIONS", "BUDGETS", "LatencySpec"]

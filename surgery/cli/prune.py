@@ -8,7 +8,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
-from surgery.budget.cost import KINDS
+from surgery.budget.latency_spec import BACKENDS
 from surgery.cli._common import (
     DATA_HELP,
     KIND_NOUNS,
@@ -44,9 +44,11 @@ from surgery.cli._common import (
     stages,
     summary_table,
 )
-from surgery.options import ALLOCATIONS, TARGETS, PruneOptions
+from surgery.cli.latency_cli import latency_headline, latency_settings, parse_round_to
+from surgery.options import ALLOCATIONS, BUDGETS, TARGETS, PruneOptions
 
-BudgetKind = choice("BudgetKind", KINDS)
+BudgetKind = choice("BudgetKind", BUDGETS)
+Backend = choice("Backend", BACKENDS)
 CriterionName = choice("CriterionName", criterion_names())
 Target = choice("Target", TARGETS)
 Allocation = choice("Allocation", ALLOCATIONS)
@@ -61,7 +63,19 @@ def prune(
     out: Annotated[Path, typer.Option(help="Output folder (must not exist unless --overwrite).")],
     sparsity: Annotated[float, typer.Option(
         help="Share of the budget to remove, in [0, 1).")] = 0.5,
-    budget: Annotated[BudgetKind, typer.Option(help="What --sparsity counts.")] = "macs",
+    budget: Annotated[BudgetKind, typer.Option(
+        help="What --sparsity counts; 'latency': measured time on --device at --latency-batch, "
+             "with --speedup or --target-ms.")] = "macs",
+    target_speedup: Annotated[Optional[float], typer.Option(
+        "--speedup", help="With --budget latency: how many times faster than the dense model "
+                          "(e.g. 2).")
+    ] = None,
+    target_ms: Annotated[Optional[float], typer.Option(
+        help="With --budget latency: a target time per batch of --latency-batch, in ms.")
+    ] = None,
+    backend: Annotated[Backend, typer.Option(
+        help="Where --budget latency is timed: torch on --device, or onnxruntime (CPU; the "
+             "exported model is checked against PyTorch).")] = "torch",
     criterion: Annotated[CriterionName, typer.Option(
         help="How atoms are ranked: mi is joint top-down MI (see the user guide).")] = "mi",
     target: Annotated[Target, typer.Option(
@@ -84,8 +98,9 @@ def prune(
              "plugin's, e.g. neuron=1,head=0.5,hidden=0.1 for transformers).")] = None,
     estimator: Annotated[EstimatorName, typer.Option(
         help="MI estimator of mi/mi_topk.")] = "gaussian",
-    round_to: Annotated[int, typer.Option(
-        min=1, help="Kept channels per group are multiples of this (e.g. 16).")] = 1,
+    round_to: Annotated[str, typer.Option(
+        help="Kept channels per group are multiples of this (e.g. 16), or 'auto': the "
+             "multiple the device was measured to prefer.")] = "1",
     min_keep: Annotated[int, typer.Option(min=1, help="Fewest atoms a group keeps.")] = 1,
     data: Annotated[Optional[str], typer.Option(help="Calibration data: " + DATA_HELP)] = None,
     eval_data: Annotated[Optional[str], typer.Option(
@@ -97,7 +112,8 @@ def prune(
         min=1, help="Batch size for calibration and accuracy (default 64; 8 for causal "
                     "language models, whose 49k-way outputs per token are large).")] = None,
     latency_batch: Annotated[int, typer.Option(
-        min=0, help="Batch size of the latency measurement (0: skip latency).")] = 32,
+        min=0, help="Batch size of the latency measurement and of --budget latency (0: skip "
+                    "latency).")] = 32,
     recalibrate: Annotated[bool, typer.Option(
         help="Re-estimate BatchNorm statistics after the cut.")] = True,
     compensate: Annotated[bool, typer.Option(
@@ -135,18 +151,21 @@ def prune(
     check_out(Path(out).absolute(), overwrite)
     budget, criterion, target, allocation, estimator = (  # plain strings, not enum members
         str(v) for v in (budget, criterion, target, allocation, estimator))
+    dev = pick_device(device, threads)
     options = PruneOptions(
+        **latency_settings(budget, target_speedup, target_ms, backend, latency_batch, dev,
+                           threads),
         sparsity=sparsity, budget=budget, criterion=criterion, target=target,
         allocation=allocation, budget_scope=tuple(budget_scope.split(",")) if budget_scope else (),
         kinds=frozenset(k.strip() for k in kinds.split(",")) if kinds else None,
         exclude=tuple(exclude or ()),
-        kind_weights=parse_kind_weights(kind_weights), estimator=estimator, round_to=round_to,
+        kind_weights=parse_kind_weights(kind_weights), estimator=estimator,
+        round_to=parse_round_to(round_to),
         min_keep=min_keep, seed=seed, recalibrate=recalibrate, compensate=compensate,
         uniform_widths=uniform_widths)
     if data is None and get_criterion(criterion).needs_calibration:
         raise ValueError(f"criterion {criterion!r} needs calibration data: pass --data "
                          f"({DATA_HELP}), or use --criterion magnitude.")
-    dev = pick_device(device, threads)
     torch.manual_seed(seed)
     loaded = load_model_spec(model, checkpoint=checkpoint, input_size=input_size,
                              num_classes=num_classes, seq_len=seq_len, tokenizer=tokenizer,
@@ -164,11 +183,14 @@ def prune(
         "model": model, "checkpoint": str(checkpoint) if checkpoint else "none (seeded init)"
         if loaded.recipe["source"] in ("timm", "torchvision") else "the model's own",
         "inputs": describe_inputs(loaded.inputs), "sparsity": sparsity, "budget": budget,
+        **({"speedup": target_speedup, "target ms": target_ms, "latency backend": backend}
+           if budget == "latency" else {}),
         "criterion": criterion, "target": target, "allocation": allocation,
         "budget scope": budget_scope or "all parameters",
         "kinds": kinds or "every kind", "excluded": list(exclude or []) or "nothing",
         "kind weights": plan.budget.get("kind_weights") or "all kinds alike",
-        "estimator": estimator, "round_to": round_to, "min_keep": min_keep,
+        "estimator": estimator, "round_to": plan.budget.get("round_to", round_to),
+        "min_keep": min_keep,
         "calibration data": data or "none", "calibration samples": calib.samples if calib else 0,
         "evaluation data": (eval_data or data) if evaluation else "none",
         "batchnorm re-estimation": recalibrate, "least-squares compensation": compensate,
@@ -252,9 +274,10 @@ def _summarise(model: str, options: PruneOptions, plan: Any, dense: Any, after: 
     from surgery.cli.report import summary_rows
 
     scope = f" in {','.join(options.budget_scope)}" if options.budget_scope else ""
-    console.print(summary_table(
-        f"{model}: {options.sparsity:.0%} of {options.budget}{scope} removed by "
-        f"{options.criterion} in {seconds:.1f} s", summary_rows(dense, after, speedup)))
+    what = (latency_headline(plan) if options.budget == "latency"
+            else f"{options.sparsity:.0%} of {options.budget}{scope} removed")
+    console.print(summary_table(f"{model}: {what} by {options.criterion} in {seconds:.1f} s",
+                                summary_rows(dense, after, speedup)))
     kinds: dict[str, list[int]] = {}
     for g in plan.groups:
         k = kinds.setdefault(g.kind, [0, 0])

@@ -190,10 +190,13 @@ def write_report(folder: str | Path, *, plan: Any, model: str, command: str,
     cost_tag = f"<img src='{COST_PLOT}' alt='params and MACs'>" if plots else f"<p>{no_plots}</p>"
     kept_tag = f"<img src='{KEPT_PLOT}' alt='kept per group'>" if plots else f"<p>{no_plots}</p>"
 
+    from surgery.cli.latency_cli import latency_section
+
+    latency_md, latency_html = latency_section(plan, folder, plots)
     md = [f"# {title}", "", intro, "", *([loading, ""] if loading else []),
           "## Before and after", "",
           _md_table(summary_header, summary_rows(dense, pruned, speedup)), "",
-          cost_img, "", "## What was cut", "",
+          cost_img, "", *latency_md, "## What was cut", "",
           _md_table(["kind", "atoms", "kept", "kept %"], kind_rows), "",
           kept_img, "", _md_table(groups_header, group_rows(plan)), "",
           "## Settings", "", _md_table(["setting", "value"], settings_rows), "",
@@ -212,7 +215,7 @@ def write_report(folder: str | Path, *, plan: Any, model: str, command: str,
          *([f"<p>{_inline_html(loading)}</p>"] if loading else []),
          "<h2>Before and after</h2>",
          _html_table(summary_header, summary_rows(dense, pruned, speedup)),
-         cost_tag, "<h2>What was cut</h2>",
+         cost_tag, *latency_html, "<h2>What was cut</h2>",
          _html_table(["kind", "atoms", "kept", "kept %"], kind_rows),
          kept_tag,
          _html_table(groups_header, group_rows(plan)),
@@ -226,6 +229,8 @@ def write_report(folder: str | Path, *, plan: Any, model: str, command: str,
          "speedup": asdict(speedup) if speedup is not None else None, "command": command,
          "versions": vers, "settings": settings, "seconds": seconds}, indent=1))
     names = ("report.md", "report.html", "metrics.json") + ((KEPT_PLOT, COST_PLOT) if plots else ())
+    if latency_md and (folder / "latency_model.png").exists():
+        names += ("latency_model.png",)
     return [folder / n for n in names]
 
 

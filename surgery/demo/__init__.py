@@ -7,8 +7,9 @@ from surgery.demo.tasks import (
                                 minilm_rotten_tomatoes,
                                 prepare,
                                 resnet18_fashion,
+                                resnet50_fashion,
                                 vit_fashion,
 )
 
 __all__ = ["CACHE", "TextTask", "minilm_folder_and_data", "minilm_rotten_tomatoes", "prepare",
-           "resnet18_fashion", "vit_fashion"]
+           "resnet18_fashion", "resnet50_fashion", "vit_fashion"]

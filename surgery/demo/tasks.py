@@ -42,6 +42,18 @@ def resnet18_fashion(train_images: int = 12000, epochs: int = 1, seed: int = 0,
                             train_images, epochs, lr=2e-3, log=log)
 
 
+def resnet50_fashion(train_images: int = 12000, epochs: int = 1, seed: int = 0,
+                     log: Callable[[str], None] = print) -> torch.nn.Module:
+    """A torchvision ResNet-50 trained on Fashion-MNIST at 32x32 (the latency benchmark's
+    convolutional model), from the cache or trained now (minutes on 2 cores)."""
+    import torchvision
+
+    torch.manual_seed(seed)
+    model = torchvision.models.resnet50(num_classes=10)
+    return _fashion_trained(model, f"resnet50_fashion_{train_images}_{epochs}_{seed}",
+                            train_images, epochs, lr=2e-3, log=log)
+
+
 def vit_fashion(train_images: int = 12000, epochs: int = 8, seed: int = 0,
                 log: Callable[[str], None] = print) -> torch.nn.Module:
     """A small timm ViT (DeiT-tiny width 192, 6 blocks of 3 heads, 4x4 patches of the 32x32
