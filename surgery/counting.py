@@ -17,7 +17,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from surgery._core.batches import call, first_tensor, split_batch, to_device
 from surgery._core.modes import evaluating
 from surgery.errors import SurgeryError
-from surgery.language import Perplexity, is_causal_lm, perplexity
+from surgery.language import Perplexity, generation_speed, is_causal_lm, perplexity
 from surgery.timing import Speedup, Timing, time_interleaved
 
 
@@ -96,6 +96,9 @@ class Measurement:
     latency_quartiles_ms: tuple[float, float] | None = None
     perplexity: Perplexity | None = None
     """A causal language model's perplexity on the evaluation text (instead of accuracy)."""
+    tokens_per_s: float | None = None
+    """A causal language model's generation speed (KV cache, greedy), timed interleaved."""
+    new_tokens: int | None = None
 
 
 def accuracy(model: torch.nn.Module, batches: Iterable[Any],
@@ -154,3 +157,12 @@ def add_latency(measured: dict[str, Measurement], models: dict[str, torch.nn.Mod
     if {"dense", "pruned"} <= set(samples):
         return Speedup.of(samples["dense"], samples["pruned"])
     return None
+
+
+def add_generation(measured: dict[str, Measurement], models: dict[str, torch.nn.Module],
+                   prompt: torch.Tensor, new_tokens: int, *, rounds: int = 3) -> None:
+    """Time causal LMs generating ``new_tokens`` after ``prompt``, interleaved
+    (:func:`surgery.language.generation_speed`), into ``measured[name].tokens_per_s``."""
+    speed = generation_speed(models, prompt, new_tokens=new_tokens, rounds=rounds)
+    for name, rate in speed.tokens_per_s.items():
+        measured[name].tokens_per_s, measured[name].new_tokens = rate, new_tokens

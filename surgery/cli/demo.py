@@ -1,7 +1,8 @@
 """``surgery demo``: prune a real trained model on real data and print before/after.
 
-Each demo writes its own folder (``surgery-demo-minilm/``, ``surgery-demo-resnet18/``), whole
-and at once, through ``surgery prune``: running one demo never touches another's folder.
+Each demo writes its own folder (``surgery-demo-minilm/``, ``surgery-demo-resnet18/``,
+``surgery-demo-smollm2/``), whole and at once, through ``surgery prune``: running one demo never
+touches another's folder.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from rich.table import Table
 
 from surgery.cli._common import app, choice, console, criterion_names
 
-Demo = choice("Demo", ("minilm", "resnet18"))
+Demo = choice("Demo", ("minilm", "resnet18", "smollm2"))
 CriterionName = choice("CriterionName", criterion_names())
 
 COMPARED = ("mi", "mi_topk", "act_weight", "magnitude", "random")
@@ -25,11 +26,13 @@ COMPARED = ("mi", "mi_topk", "act_weight", "magnitude", "random")
 @app.command()
 def demo(
     task: Annotated[Demo, typer.Argument(help="minilm (the default: all-MiniLM-L6-v2 on Rotten "
-                                              "Tomatoes) or resnet18 (on Fashion-MNIST).")
+                                              "Tomatoes), resnet18 (on Fashion-MNIST) or "
+                                              "smollm2 (SmolLM2-135M on speeches).")
                     ] = "minilm",
-    sparsity: Annotated[float, typer.Option(
-        help="Share of the encoder's parameters (minilm) or of MACs (resnet18) to remove.")
-    ] = 0.5,
+    sparsity: Annotated[Optional[float], typer.Option(
+        help="Share of the encoder's parameters (minilm; default 0.5), of MACs (resnet18; "
+             "0.5) or of the decoder layers' parameters (smollm2; 0.2) to remove.")
+    ] = None,
     criterion: Annotated[CriterionName, typer.Option(help="How atoms are ranked.")] = "mi",
     out: Annotated[Optional[Path], typer.Option(
         help="Output folder (default: surgery-demo-TASK/, replaced on every run).")] = None,
@@ -42,26 +45,45 @@ def demo(
     minilm: fine-tunes all-MiniLM-L6-v2 on Rotten Tomatoes once (cached), then runs
     'surgery prune' on it and leaves the pruned model, plan and report in --out.
     resnet18: trains a ResNet-18 on Fashion-MNIST once (cached), compares the criteria at 50%
-    and 75% of MACs removed, then prunes it with --criterion into --out."""
+    and 75% of MACs removed, then prunes it with --criterion into --out.
+    smollm2: converts SmolLM2-135M-Instruct from its GGUF once (cached), then prunes 20% of
+    its decoder layers' parameters (KV groups and FFN channels) calibrated on the first 80%
+    of the 2012 convention speeches, perplexity measured on the rest."""
     folder = out or Path(f"surgery-demo-{task}")
     replace = overwrite or out is None
     if task == "resnet18":
-        return _demo_resnet18(sparsity, str(criterion), folder, replace)
+        return _demo_resnet18(sparsity or 0.5, str(criterion), folder, replace)
+    if task == "smollm2":
+        return _demo_smollm2(sparsity or 0.2, str(criterion), folder, replace)
     from surgery import demo as job
 
     data = job.minilm_folder_and_data(job.minilm_rotten_tomatoes(log=console.print),
                                       log=console.print)
-    _prune(str(data), folder, replace, sparsity, str(criterion),
+    _prune(str(data), folder, replace, sparsity or 0.5, str(criterion),
            ["--budget", "params", "--budget-scope", "bert.encoder",
             "--data", str(data / "train.jsonl"), "--eval-data", str(data / "test.jsonl"),
             "--batch-size", "32", "--seq-len", "64", "--round-to", "16"])
 
 
+def _demo_smollm2(sparsity: float, criterion: str, out: Path, replace: bool) -> None:
+    """SmolLM2-135M-Instruct: ``surgery prune`` on its Hugging Face folder with the speeches
+    as a plain text file (calibration: 32 windows of 256 tokens from the first 80%;
+    perplexity: 32 windows from the rest)."""
+    from surgery.demo.smollm2 import smollm2_folder, speeches_file
+
+    model = smollm2_folder(log=console.print)
+    _prune(str(model), out, replace, sparsity, criterion,
+           ["--budget", "params", "--budget-scope", "model.layers", "--kinds", "head,neuron",
+            "--data", str(speeches_file()), "--seq-len", "256", "--batch-size", "4",
+            "--latency-batch", "1"], calib_samples=32, eval_samples=32)
+
+
 def _prune(model: str, out: Path, replace: bool, sparsity: float, criterion: str,
-           options: list[str]) -> None:
+           options: list[str], calib_samples: int = 512, eval_samples: int = 2000) -> None:
     """``surgery prune`` on the demo's model, printed as a user would type it."""
     args = ["prune", model, "--out", str(out), "--sparsity", str(sparsity), "--criterion",
-            criterion, "--calib-samples", "512", "--eval-samples", "2000", *options]
+            criterion, "--calib-samples", str(calib_samples), "--eval-samples",
+            str(eval_samples), *options]
     args += ["--overwrite"] if replace else []
     console.print("[bold]" + " ".join(["surgery", *args]))
     typer.main.get_command(app).main(args=args, prog_name="surgery", standalone_mode=False)

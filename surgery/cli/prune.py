@@ -47,6 +47,9 @@ from surgery.cli._common import (
 from surgery.cli.latency_cli import latency_headline, latency_settings, parse_round_to
 from surgery.options import ALLOCATIONS, BUDGETS, TARGETS, PruneOptions
 
+GENERATED = 32
+"""Tokens a causal LM generates (after a prompt of --seq-len) when its speed is measured."""
+
 BudgetKind = choice("BudgetKind", BUDGETS)
 Backend = choice("Backend", BACKENDS)
 CriterionName = choice("CriterionName", criterion_names())
@@ -226,7 +229,7 @@ def _prune_and_measure(loaded: Any, dev: str, options: PruneOptions, calib: Any,
 
     import surgery
     from surgery._core.batches import to_device
-    from surgery.counting import add_latency, measure
+    from surgery.counting import add_generation, add_latency, measure
 
     net = loaded.model
     example = to_device(loaded.example_inputs(1), torch.device(dev))
@@ -247,6 +250,13 @@ def _prune_and_measure(loaded: Any, dev: str, options: PruneOptions, calib: Any,
             timing = to_device(loaded.example_inputs(latency_batch), torch.device(dev))
             speedup = add_latency({"dense": dense, "pruned": after},
                                   {"dense": net, "pruned": pruned}, timing, latency_batch)
+        if loaded.inputs["kind"] == "causal":
+            with console.status(f"timing generation of {GENERATED} tokens, dense and pruned "
+                                "side by side..."):
+                add_generation({"dense": dense, "pruned": after},
+                               {"dense": net, "pruned": pruned},
+                               to_device(loaded.example_inputs(1)["input_ids"],
+                                         torch.device(dev)), GENERATED)
     return dense, after, speedup, pruned, plan, seconds
 
 

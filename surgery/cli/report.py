@@ -101,6 +101,12 @@ def summary_rows(dense: Measurement, pruned: Measurement,
         rows.append([f"{what}, batch {pruned.latency_batch or dense.latency_batch} (ms, "
                      "median)", "n/a" if dl is None else f"{dl:.2f}",
                      "n/a" if pl is None else f"{pl:.2f}", change])
+    if dense.tokens_per_s is not None or pruned.tokens_per_s is not None:
+        dt, pt = dense.tokens_per_s, pruned.tokens_per_s
+        rows.append([f"generation, {pruned.new_tokens or dense.new_tokens} tokens (tokens/s, "
+                     "median)", "n/a" if dt is None else f"{dt:.1f}",
+                     "n/a" if pt is None else f"{pt:.1f}",
+                     Speedup(pt / dt, pt / dt, pt / dt, 1).text() if dt and pt else ""])
     return rows
 
 

