@@ -172,11 +172,16 @@ def attention_groups(layer: nn.Module, units: Units) -> int:
     return 0 if isinstance(attn, EmptyAttention) else attn.k_proj.out_features // units.head_dim
 
 
-def structure(model: nn.Module) -> list[tuple[int, int]]:
-    """(key-value groups, FFN channels) left in each layer: what a report prints."""
+def structure(model: nn.Module) -> list[tuple[int, int, int]]:
+    """(query heads, key-value heads, FFN channels) left in each layer: what a report
+    prints."""
     units = Units.of(model)
-    return [(attention_groups(layer, units), layer.mlp.gate_proj.out_features)
-            for layer in layers(model)]
+    out = []
+    for layer in layers(model):
+        attn = layer.self_attn
+        q = 0 if isinstance(attn, EmptyAttention) else attn.q_proj.out_features // units.head_dim
+        out.append((q, attention_groups(layer, units), layer.mlp.gate_proj.out_features))
+    return out
 
 
 def split_layer_budget(remove: float, units: Units, groups: int, channels: int

@@ -20,7 +20,7 @@ result is really faster, runs forward and ``generate()`` with the KV cache.
   ratio (Incremental Pruning Ratio), or ``schedule="uniform"``.
 - :func:`torch_pruning_llm`: Torch-Pruning 1.6's ``examples/LLMs/prune_llm.py`` calls
   (``BasePruner``, group L2 magnitude, ``num_heads``, ``prune_num_heads``, no head dims),
-  with the embedding ignored so the hidden size stays.
+  run layer by layer with the hidden size kept; :func:`torch_pruning_ffn` without heads.
 - :func:`magnitude_unstructured`: zero the smallest ``|w|`` of every decoder linear layer
   (masks: a reference, not faster).
 """
@@ -33,7 +33,6 @@ from typing import Callable
 import torch
 import torch.nn as nn
 from _llama_surgery import (
-    EmptyAttention,
     LayerInputs,
     Units,
     decoder_params,
@@ -346,66 +345,87 @@ def slimgpt_uniform(model: nn.Module, calib: torch.Tensor, share: float) -> nn.M
 
 # --- 4. Torch-Pruning's LLM example ------------------------------------------------------
 
-def torch_pruning_llm(model: nn.Module, calib: torch.Tensor, share: float) -> nn.Module:
-    """Torch-Pruning 1.6's ``examples/LLMs/prune_llm.py`` on this model.
+def torch_pruning_llm(model: nn.Module, calib: torch.Tensor, share: float,
+                      heads: bool = True) -> nn.Module:
+    """Torch-Pruning 1.6's ``examples/LLMs/prune_llm.py`` calls, decoder layer by layer.
 
-    Its calls: ``num_heads`` for q (query heads) and k/v (key-value heads),
+    The calls: ``num_heads`` for q (query heads) and k/v (key-value heads),
     ``BasePruner(importance=GroupMagnitudeImportance(p=2, group_reduction="mean"),
-    global_pruning=False, pruning_ratio=r, head_pruning_ratio=r, prune_num_heads=True,
-    prune_head_dims=False, round_to=4, ignored_layers=[lm_head])``, ``step(interactive=True)``
-    and ``g.prune()`` per group, then the attributes fixed as the example does. One change:
-    the example also prunes the hidden size; the brief keeps it, so the embedding is ignored
-    too (it roots the hidden-size group; an ignored out-channel layer makes Torch-Pruning skip
-    the whole group). ``r`` is solved so the decoder layers lose ``share`` of their
-    parameters given how Torch-Pruning rounds heads. Calibration data is not used (magnitude).
+    global_pruning=False, pruning_ratio=r, head_pruning_ratio=share, prune_num_heads=True,
+    prune_head_dims=False, round_to=4)``, ``step(interactive=True)`` with ``g.prune()`` per
+    group, then ``num_key_value_groups`` (query heads per k/v head) and the MLP width fixed
+    as the example does. Deviations, each forced by this model or the brief:
+
+    - run on each decoder layer rather than the whole model: with local pruning
+      (``global_pruning=False``) and magnitude importance every group is ranked on its own
+      weights, and a layer's groups are the same traced alone, so the choice is the same;
+      traced whole, Torch-Pruning builds the model-wide hidden-size group in quadratic time
+      (over 15 minutes per ``get_all_groups`` on this machine; the example calls it twice);
+    - the hidden size is kept (the example cuts it too): ``o_proj`` and ``down_proj`` are
+      ignored, which makes Torch-Pruning skip the hidden-size group only;
+    - traced with eager attention: with SDPA's native grouped-query attention Torch-Pruning
+      couples the 9-head q with the 3-head k and fails (``shape '[9, -1]' is invalid for
+      input of size 192``); eager attention's explicit ``repeat_kv`` traces. Torch-Pruning
+      then removes query heads, the same number from every key-value group, and keeps every
+      k/v head (so ``num_key_value_groups`` drops, which the example's fix-up sets);
+    - ``r`` (the FFN channel ratio) is set per layer so the layer loses ``share`` of its
+      parameters given the heads Torch-Pruning removed (the example uses ``share`` for both).
+
+    ``heads=False``: ``head_pruning_ratio=0``, FFN channels only (the same calls otherwise).
+    Calibration data only provides the tracing example (magnitude needs no statistics).
     """
     import torch_pruning as tp
 
     units = Units.of(model)
-    example = torch.tensor([[1, 19556, 905, 30]])  # a few tokens: tracing only
-    total = decoder_params(model)
-    target = (1 - share) * total
-    ratio = share
-    for _ in range(4):  # the heads' rounding moves the result: re-aim the channel ratio
-        trial = _tp_prune(_clone(model), example, ratio, share, tp)
-        got = decoder_params(trial)
-        if abs(got - target) <= units.channel_params * len(layers(model)) * 4:
-            break
-        ffn_total = units.channel_params * units.ffn * len(layers(model))
-        ratio = min(0.99, max(0.0, ratio + (got - target) / ffn_total))
-    return _tp_prune(model, example, ratio, share, tp)
+    inputs = first_layer_inputs(model, calib[:1, :16])
+    example = {**inputs.kwargs[0], "hidden_states": inputs.hidden[0]}
+    head_ratio = share if heads else 0.0
+    implementation = model.config._attn_implementation
+    model.config._attn_implementation = "eager"
+    try:
+        for layer in layers(model):
+            target = share * _layer_total(layer)
+            trial = _clone(layer)
+            _tp_prune_layer(trial, example, share, head_ratio, tp)
+            attn_removed = _layer_total(layer.self_attn) - _layer_total(trial.self_attn)
+            ffn = layer.mlp.gate_proj.out_features * units.channel_params
+            ratio = min(1.0, max(0.0, (target - attn_removed) / ffn))
+            _tp_prune_layer(layer, example, ratio, head_ratio, tp)
+    finally:
+        model.config._attn_implementation = implementation
+    return model
 
 
-def _clone(model: nn.Module) -> nn.Module:
+def torch_pruning_ffn(model: nn.Module, calib: torch.Tensor, share: float) -> nn.Module:
+    """Torch-Pruning's LLM example with ``head_pruning_ratio=0``: FFN channels only."""
+    return torch_pruning_llm(model, calib, share, heads=False)
+
+
+def _clone(module: nn.Module) -> nn.Module:
     import copy
 
-    return copy.deepcopy(model)
+    return copy.deepcopy(module)
 
 
-def _tp_prune(model: nn.Module, example: torch.Tensor, ratio: float, head_ratio: float,
-              tp: object) -> nn.Module:
-    num_heads = {}
-    for name, m in model.named_modules():
-        if name.endswith("self_attn"):
-            num_heads[m.q_proj] = model.config.num_attention_heads
-            num_heads[m.k_proj] = model.config.num_key_value_heads
-            num_heads[m.v_proj] = model.config.num_key_value_heads
+def _tp_prune_layer(layer: nn.Module, example: dict, ratio: float, head_ratio: float,
+                    tp: object) -> None:
+    attn = layer.self_attn
+    head_dim = attn.head_dim
+    num_heads = {attn.q_proj: attn.q_proj.out_features // head_dim,
+                 attn.k_proj: attn.k_proj.out_features // head_dim,
+                 attn.v_proj: attn.v_proj.out_features // head_dim}
     pruner = tp.pruner.BasePruner(
-        model, example_inputs=example,
+        layer, example_inputs=example,
         importance=tp.importance.GroupMagnitudeImportance(p=2, group_reduction="mean"),
-        global_pruning=False, output_transform=lambda x: x.logits, pruning_ratio=ratio,
-        ignored_layers=[model.lm_head, model.model.embed_tokens], num_heads=num_heads,
-        prune_num_heads=True, prune_head_dims=False, head_pruning_ratio=head_ratio,
-        round_to=4)
+        global_pruning=False, output_transform=lambda out: out[0] if isinstance(out, tuple)
+        else out, pruning_ratio=ratio, ignored_layers=[attn.o_proj, layer.mlp.down_proj],
+        num_heads=num_heads, prune_num_heads=True, prune_head_dims=False,
+        head_pruning_ratio=head_ratio, round_to=4)
     for group in pruner.step(interactive=True):
         group.prune()
-    for name, m in model.named_modules():
-        if name.endswith("self_attn") and not isinstance(m, EmptyAttention):
-            heads = m.q_proj.out_features // m.head_dim
-            m.num_key_value_groups = heads // (m.k_proj.out_features // m.head_dim)
-        elif name.endswith("mlp"):
-            m.intermediate_size = m.gate_proj.out_features
-    return model
+    heads = attn.q_proj.out_features // head_dim
+    attn.num_key_value_groups = heads // max(1, attn.k_proj.out_features // head_dim)
+    layer.mlp.intermediate_size = layer.mlp.gate_proj.out_features
 
 
 # --- 5. unstructured magnitude -----------------------------------------------------------
@@ -430,6 +450,7 @@ BASELINES: dict[str, Method] = {
     "slimgpt": slimgpt,
     "slimgpt_uniform": slimgpt_uniform,
     "torch_pruning": torch_pruning_llm,
+    "torch_pruning_ffn": torch_pruning_ffn,
     "magnitude_unstructured": magnitude_unstructured,
 }
 """The baselines by the name the harness and its report use."""
