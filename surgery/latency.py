@@ -33,6 +33,7 @@ from typing import Any, Iterable
 import torch
 
 from surgery._core.batches import rows, to_device
+from surgery.budget.allocate import atom_step
 from surgery.budget.latency import LatencyModel
 from surgery.budget.latency_spec import LatencySpec
 from surgery.budget.latency_table import load_or_build, measure_multiple
@@ -148,8 +149,11 @@ def _chosen(attempts: list[dict[str, Any]]) -> dict[str, Any]:
 
 
 def _reachable(setup: _Setup, opts: PruneOptions) -> float:
-    """The modelled speedup with every prunable group down to ``min_keep`` atoms."""
-    floor = {g.id: min(g.atoms, max(1, opts.min_keep)) for g in setup.coupling.prunable}
+    """The modelled speedup with every prunable group down to the floor the allocations use:
+    ``min_keep`` atoms, raised to one rounding step (a width off the device's multiple is
+    priced with its cliff, so a floor of one atom could model slower than the step)."""
+    floor = {g.id: min(g.atoms, max(1, opts.min_keep, atom_step(g, setup.round_to)))
+             for g in setup.coupling.prunable}
     return setup.model.speedup(setup.model.counts_mask(floor))
 
 
