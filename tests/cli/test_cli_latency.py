@@ -11,9 +11,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from helpers.fake_timer import FakeTimer
 from typer.testing import CliRunner
 
+from helpers.fake_timer import FakeTimer
 from surgery import latency
 from surgery.cli import app
 
