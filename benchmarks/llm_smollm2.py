@@ -42,37 +42,23 @@ RESULTS = DOCS / f"{NAME}.json"
 
 # --- ours: surgery itself, behind one function ---------------------------------------------
 
-def _ours(criterion: str) -> Method:
+def _ours(criterion: str, kinds: frozenset[str] = frozenset({"head", "neuron"})) -> Method:
     """OURS: ``surgery.prune`` with ``criterion``, budgeted like the baselines (share of the
-    decoder layers' parameters, attention heads and FFN neurons only: hidden size kept).
-
-    Needs the decoder-LLM plugin that lets surgery trace a Llama (being written separately);
-    until it is merged ``surgery.couple`` raises on this model and the harness skips these
-    rows with a note (:func:`ours_ready`)."""
+    decoder layers' parameters; by default KV groups and FFN channels only, hidden size kept),
+    every other option at its default (joint selection, least-squares compensation)."""
 
     def prune(model: nn.Module, calib: torch.Tensor, share: float) -> nn.Module:
         import surgery
 
         options = surgery.PruneOptions(sparsity=share, budget="params",
                                        budget_scope=("model.layers",), criterion=criterion,
-                                       kinds=frozenset({"head", "neuron"}))
+                                       kinds=kinds)
         pruned, _plan = surgery.prune(model, calib[:1], list(calib.split(8)), options=options,
                                       inplace=True)
         return pruned
 
     prune.__name__ = f"ours_{criterion}"
     return prune
-
-
-def ours_ready(model: nn.Module, example: torch.Tensor) -> str | None:
-    """None when surgery can trace ``model``; else why not (the note printed)."""
-    try:
-        import surgery
-
-        surgery.couple(model, example)
-    except Exception as exc:  # noqa: BLE001 - any failure means "not yet": say which
-        return f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
-    return None
 
 
 @dataclass(frozen=True)
@@ -89,6 +75,8 @@ REGISTRY: dict[str, Entry] = {
     "mi": Entry(_ours("mi"), "ours: mi", ours=True),
     "act_weight": Entry(_ours("act_weight"), "ours: act_weight", ours=True),
     "magnitude": Entry(_ours("magnitude"), "ours: magnitude", ours=True),
+    "mi_hidden": Entry(_ours("mi", frozenset({"head", "neuron", "hidden"})),
+                       "ours: mi, hidden dims cut too", ours=True),
     "flap": Entry(BASELINES["flap"], "FLAP (WIFV, global, bias compensation)"),
     "wanda_sp": Entry(BASELINES["wanda_sp"], "Wanda-sp (uniform)"),
     "slimgpt": Entry(BASELINES["slimgpt"], "SlimGPT-style OBS (log-increasing ratio)"),
@@ -293,8 +281,12 @@ METHOD_NOTES = """What each method does (benchmarks/llm_baselines.py has the det
 - **unstructured magnitude**: the `share` smallest-|w| weights of each decoder linear layer
   set to zero: masks, the same size and speed as dense; a quality reference.
 - **ours** (`mi`, `act_weight`, `magnitude`): `surgery.prune` with the same budget
-  (`budget="params"`, `budget_scope=("model.layers",)`, kinds head and neuron), once the
-  decoder-LLM plugin lets surgery trace a Llama.
+  (`budget="params"`, `budget_scope=("model.layers",)`, kinds head (KV groups) and neuron),
+  every other option at its default: uniform per-layer ratio, joint selection for `mi`
+  (target: the dense model's next-token distribution, sketched to its 255 likeliest tokens
+  plus the rest, each target seen through noise of its own variance), least-squares
+  refit of every `o_proj`/`down_proj` that reads a cut group. `mi_hidden` also cuts hidden
+  dims (embeddings, norms and every projection), under the default kind weights.
 """
 
 
@@ -340,27 +332,11 @@ def main(argv: list[str] | None = None) -> None:
     print(f"dense: perplexity {store['dense']['ppl']:.2f} ± {store['dense']['ppl_se']:.2f}, "
           f"{dense_params:,} decoder-layer parameters")
 
-    if any(REGISTRY[n].ours for n in names):
-        why = ours_ready(dense, calib[:1])
-        if why is not None:
-            print(f"note: skipping ours ({', '.join(n for n in names if REGISTRY[n].ours)}): "
-                  f"surgery.couple cannot trace this model yet ({why}); the decoder-LLM "
-                  "plugin is being written separately.")
-            names = [n for n in names if not REGISTRY[n].ours]
-
     for share in shares:
         for name in names:
             print(f"[{name} @ {share:.0%}] pruning ...", flush=True)
-            try:
-                result = measure(name, REGISTRY[name], dense, calib, evaluation, share,
-                                 dense_params)
-            except Exception as exc:  # noqa: BLE001 - ours may not run yet: note, go on
-                if not REGISTRY[name].ours:
-                    raise
-                print(f"note: skipping ours ({name}): {type(exc).__name__}: "
-                      f"{str(exc).splitlines()[0] if str(exc) else ''} (the decoder-LLM "
-                      "plugin is being written separately)", flush=True)
-                continue
+            result = measure(name, REGISTRY[name], dense, calib, evaluation, share,
+                             dense_params)
             print(f"[{name} @ {share:.0%}] perplexity {result['ppl']:.2f} ± "
                   f"{result['ppl_se']:.2f}, {result['removed']:.2%} removed, prefill "
                   f"{result['prefill_speedup']:.2f}x, generation {result['gen_speedup']:.2f}x, "

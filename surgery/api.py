@@ -244,7 +244,8 @@ def _stages(coupling: Coupling, calib_data: Iterable[Any], opts: PruneOptions, s
 
 
 def _criterion(opts: PruneOptions, calib_data: Iterable[Any] | None) -> Criterion:
-    settings = {"estimator": opts.estimator} if opts.criterion in ("mi", "mi_topk") else {}
+    settings = ({"estimator": opts.estimator, "target_noise": opts.target_noise}
+                if opts.criterion in ("mi", "mi_topk") else {})
     crit = get_criterion(opts.criterion, **settings)
     if crit.needs_calibration and calib_data is None:
         raise CalibrationError(

@@ -15,6 +15,7 @@ from typing import Any, Mapping
 from surgery.budget.cost import KINDS
 from surgery.budget.latency_spec import LatencySpec, check_speedup
 from surgery.errors import BudgetError, CalibrationError, OptionsError
+from surgery.scoring.estimators import TARGET_NOISE
 
 TARGETS = ("output", "labels")
 BUDGETS = (*KINDS, "latency")
@@ -55,6 +56,10 @@ class PruneOptions:
     - ``allocation``: ``uniform`` keep ratio per group, or ``global`` by normalised score.
     - ``estimator``: the MI estimator of ``mi``/``mi_topk`` (``gaussian``, ``binned``,
       ``ksg`` or a plugin's).
+    - ``target_noise``: the Gaussian estimators see each target through noise of this many
+      times its mean variance (default 1: a direction of the target counts by its variance;
+      near 0 every direction counts alike; see
+      :data:`surgery.scoring.estimators.TARGET_NOISE` for what was measured).
     - ``round_to``: kept channels per group are multiples of this (e.g. 16 for hardware; a
       head of 32 channels needs no rounding, a neuron does); ``"auto"``: the multiple the
       latency device was measured to prefer (1 when it prefers none); ``min_keep``: the
@@ -92,6 +97,7 @@ class PruneOptions:
     target: str = "output"
     allocation: str = "uniform"
     estimator: str = "gaussian"
+    target_noise: float = TARGET_NOISE
     round_to: int | str = 1
     min_keep: int = 1
     max_batches: int | None = None
@@ -157,6 +163,11 @@ class PruneOptions:
                 f"uniform_widths=True keeps one width per kind across layers, but "
                 f"allocation={self.allocation!r} gives each group its own width by score; use "
                 "allocation='uniform' with uniform_widths (or drop uniform_widths).")
+        if (not isinstance(self.target_noise, numbers.Real) or isinstance(self.target_noise, bool)
+                or not 0 < self.target_noise < float("inf")):
+            raise OptionsError(f"target_noise must be a positive number (times the target's "
+                               f"mean variance; default {TARGET_NOISE:g}), got "
+                               f"{self.target_noise!r}.")
         if isinstance(self.kind_weights, str) and self.kind_weights not in KIND_WEIGHT_MODES:
             raise BudgetError(f"kind_weights must be a dict {{kind: weight}}, 'search', "
                               f"'uniform' or None, got {self.kind_weights!r}.")
@@ -180,7 +191,8 @@ class PruneOptions:
         return {"kind": self.budget, "scope": list(self.budget_scope),
                 "sparsity": self.sparsity, "allocation": self.allocation,
                 "round_to": self.round_to, "min_keep": self.min_keep,
-                "estimator": self.estimator, "uniform_widths": self.uniform_widths,
+                "estimator": self.estimator, "target_noise": self.target_noise,
+                "uniform_widths": self.uniform_widths,
                 **({"target_speedup": self.target_speedup} if self.budget == "latency" else {})}
 
 

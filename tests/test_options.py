@@ -32,6 +32,10 @@ def test_options_are_normalised_and_checked_when_made() -> None:
         surgery.PruneOptions(round_to=0)
     with pytest.raises(BudgetError, match="kind_weights must be"):
         surgery.PruneOptions(kind_weights="fastest")
+    for bad in (0, -1.0, float("nan"), "1", True):
+        with pytest.raises(OptionsError, match="target_noise must be a positive number"):
+            surgery.PruneOptions(target_noise=bad)
+    assert surgery.PruneOptions(target_noise=0.1).budget_record()["target_noise"] == 0.1
 
 
 def test_uniform_widths_refuse_a_global_allocation() -> None:

@@ -101,6 +101,11 @@ def prune(
              "plugin's, e.g. neuron=1,head=0.5,hidden=0.1 for transformers).")] = None,
     estimator: Annotated[EstimatorName, typer.Option(
         help="MI estimator of mi/mi_topk.")] = "gaussian",
+    target_noise: Annotated[float, typer.Option(
+        min=0.0,
+        help="Gaussian MI sees each target through noise of this many times its mean "
+             "variance: 1 weighs a target direction by its variance, near 0 every direction "
+             "alike.")] = 1.0,
     round_to: Annotated[str, typer.Option(
         help="Kept channels per group are multiples of this (e.g. 16), or 'auto': the "
              "multiple the device was measured to prefer.")] = "1",
@@ -163,7 +168,7 @@ def prune(
         kinds=frozenset(k.strip() for k in kinds.split(",")) if kinds else None,
         exclude=tuple(exclude or ()),
         kind_weights=parse_kind_weights(kind_weights), estimator=estimator,
-        round_to=parse_round_to(round_to),
+        target_noise=target_noise, round_to=parse_round_to(round_to),
         min_keep=min_keep, seed=seed, recalibrate=recalibrate, compensate=compensate,
         uniform_widths=uniform_widths)
     if data is None and get_criterion(criterion).needs_calibration:
@@ -192,7 +197,8 @@ def prune(
         "budget scope": budget_scope or "all parameters",
         "kinds": kinds or "every kind", "excluded": list(exclude or []) or "nothing",
         "kind weights": plan.budget.get("kind_weights") or "all kinds alike",
-        "estimator": estimator, "round_to": plan.budget.get("round_to", round_to),
+        "estimator": estimator, "target noise": target_noise,
+        "round_to": plan.budget.get("round_to", round_to),
         "min_keep": min_keep,
         "calibration data": data or "none", "calibration samples": calib.samples if calib else 0,
         "evaluation data": (eval_data or data) if evaluation else "none",

@@ -23,8 +23,9 @@ The Gaussian estimator:
     I(X_a; T) = 1/2 [log det S_aa - log det (S_aa - S_aT S_TT^-1 S_Ta)]
 
 which for a single channel is -1/2 log(1 - R^2), R^2 the multiple correlation of the channel
-on T. A ridge proportional to the mean variance keeps S_TT invertible when T has more
-channels than samples or constant channels.
+on T. T is observed through noise of :data:`TARGET_NOISE` times its mean variance (why: see
+there), which also keeps S_TT invertible when T has more channels than samples or constant
+channels.
 """
 
 from __future__ import annotations
@@ -56,17 +57,34 @@ def register(name: str, *, needs_samples: bool = False) -> Callable[[Estimator],
     return add
 
 
+TARGET_NOISE = 1.0
+"""The target is observed through Gaussian noise of this many times its mean variance.
+
+A reader's output is added to a stream it does not own (the residual stream of a transformer
+or ResNet, the next layer's other inputs), so what the layer above receives is the target
+plus much else. With almost no noise, joint Gaussian MI is a log-determinant that weighs
+every direction of the target alike, its faintest included (explaining 90% of a direction
+holding 0.01% of the variance counts as much as 90% of the dominant one); with noise of the
+target's own scale, a direction counts by its variance, as the error the next layer sees
+does. Measured (no retraining): SmolLM2-135M, 20% of decoder parameters, perplexity
+39.4 -> 32.8 (1e-3 -> 1); ResNet-18 / Fashion-MNIST at 50% MACs 0.801 -> 0.820; MiniLM at
+50% 0.779 -> 0.788; a small ViT at 50% 0.753 -> 0.734 (it does best near 0.1: 0.759).
+``PruneOptions.target_noise`` sets it per call."""
+
+
 @register("gaussian")
 def gaussian(sums: MomentSums, x_atoms: np.ndarray, t_columns: np.ndarray, n_atoms: int,
-             *, ridge: float = 1e-3) -> np.ndarray:
-    """Gaussian MI of each atom (its x columns jointly) with the selected t columns."""
+             *, ridge: float = 1e-3, noise: float | None = None) -> np.ndarray:
+    """Gaussian MI of each atom (its x columns jointly) with the selected t columns, T
+    observed through noise of ``noise`` times its mean variance (default :data:`TARGET_NOISE`)."""
+    noise = TARGET_NOISE if noise is None else noise
     out = np.zeros(n_atoms)
     if len(t_columns) == 0:
         return out
     cov, s_xt, s_tt = sums.blocks(t_columns)  # cov: Cov(x)
     var_x = torch.diagonal(cov)
     scale_t = torch.diagonal(s_tt).mean().clamp_min(1e-12)
-    s_tt = s_tt + ridge * scale_t * torch.eye(len(t_columns), dtype=cov.dtype, device=cov.device)
+    s_tt = s_tt + noise * scale_t * torch.eye(len(t_columns), dtype=cov.dtype, device=cov.device)
     chol = torch.linalg.cholesky(s_tt)
     w = torch.linalg.solve_triangular(chol, s_xt.T, upper=False)  # (dt, dx)
     floor = ridge * var_x.mean().clamp_min(1e-12)

@@ -7,7 +7,7 @@ import numpy as np
 
 from surgery.graph.groups import OUTPUT, ChannelGroup
 from surgery.scoring.criteria import Criterion, Magnitude, ScoreContext, register
-from surgery.scoring.estimators import get_estimator
+from surgery.scoring.estimators import TARGET_NOISE, get_estimator
 
 
 @register("mi")
@@ -19,10 +19,13 @@ class MutualInformation(Criterion):
     name = "mi"
     needs_calibration = True
 
-    def __init__(self, estimator: str = "gaussian", joint: bool = True) -> None:
+    def __init__(self, estimator: str = "gaussian", joint: bool = True,
+                 target_noise: float = TARGET_NOISE) -> None:
         self.estimate = get_estimator(estimator)
         self.estimator = estimator
         self.joint = joint
+        self.target_noise = target_noise
+        self._settings = {"noise": target_noise} if estimator == "gaussian" else {}
 
     def _relations(self, group: ChannelGroup, ctx: ScoreContext):
         """(moment sums, x column atoms, kept t columns) for every layer reading ``group``."""
@@ -44,7 +47,7 @@ class MutualInformation(Criterion):
     def score(self, group: ChannelGroup, ctx: ScoreContext) -> np.ndarray:
         total = np.zeros(group.atoms)
         for sums, x_atoms, t_cols in self._relations(group, ctx):
-            total += self.estimate(sums, x_atoms, t_cols, group.atoms)
+            total += self.estimate(sums, x_atoms, t_cols, group.atoms, **self._settings)
         return total
 
     def select(self, group: ChannelGroup, ctx: ScoreContext, k: int
@@ -81,19 +84,22 @@ class MutualInformation(Criterion):
             elif gaussian and single:
                 joint.append((i, [(s, t) for s, _, t in relations], k))
             elif gaussian and all(len(a) <= BLOCK_COLUMNS for _, a, _ in relations):
-                out[i] = greedy_gaussian_blocks(relations, k, group.atoms)
+                out[i] = greedy_gaussian_blocks(relations, k, group.atoms,
+                                                noise=self.target_noise)
             else:
                 if gaussian:
                     ctx.fallbacks[group.id] = (
                         f"mi -> independent top-k MI: a layer reads more than {BLOCK_COLUMNS} of "
                         "its columns, too wide for joint selection by blocks")
                 out[i] = super().select(group, ctx, k)
-        solved = greedy_gaussian_many([(rels, k) for _, rels, k in joint])
+        solved = greedy_gaussian_many([(rels, k) for _, rels, k in joint],
+                                      noise=self.target_noise)
         out.update({i: result for (i, _, _), result in zip(joint, solved)})
         return [out[i] for i in range(len(groups))]
 
 
 @register("mi_topk")
-def _mi_topk(estimator: str = "gaussian") -> MutualInformation:
+def _mi_topk(estimator: str = "gaussian", target_noise: float = TARGET_NOISE
+             ) -> MutualInformation:
     """The paper's plain variant: independent top-k by summed MI."""
-    return MutualInformation(estimator, joint=False)
+    return MutualInformation(estimator, joint=False, target_noise=target_noise)

@@ -16,40 +16,44 @@ from __future__ import annotations
 import numpy as np
 import torch
 
+from surgery.scoring.estimators import TARGET_NOISE
 from surgery.stats.moments import MomentSums
 
 
-def _conditional(sums: MomentSums, t_cols: np.ndarray, ridge: float
+def _conditional(sums: MomentSums, t_cols: np.ndarray, ridge: float, noise: float
                  ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Cov(X) and Cov(X | T), each with a ridge of ``ridge`` times Cov(X)'s mean variance."""
+    """Cov(X) with a ridge of ``ridge`` times its mean variance, and Cov(X | T) with T observed
+    through noise of ``noise`` times T's mean variance (:data:`TARGET_NOISE`)."""
     s_xx, s_xt, s_tt = sums.blocks(t_cols if len(t_cols) else None)
     a = s_xx.clone()
     a.diagonal().add_(ridge * torch.diagonal(s_xx).mean().clamp_min(1e-12))
     if s_xt is None:
         return a, a
     s_tt = s_tt.clone()
-    s_tt.diagonal().add_(ridge * torch.diagonal(s_tt).mean().clamp_min(1e-12))
+    s_tt.diagonal().add_(noise * torch.diagonal(s_tt).mean().clamp_min(1e-12))
     w = torch.linalg.solve_triangular(torch.linalg.cholesky(s_tt), s_xt.T, upper=False)
     return a, torch.addmm(a, w.T, w, alpha=-1.0)
 
 
 Relations = list[tuple[MomentSums, np.ndarray]]
 
+
 MEMORY = 256 * 2**20
 """Bytes of trailing matrices that :func:`greedy_gaussian_many` works on at once."""
 
 
-def greedy_gaussian(relations: Relations, k: int, ridge: float = 1e-3, block: int = 128
-                    ) -> tuple[np.ndarray, np.ndarray]:
+def greedy_gaussian(relations: Relations, k: int, ridge: float = 1e-3, block: int = 128,
+                    noise: float = TARGET_NOISE) -> tuple[np.ndarray, np.ndarray]:
     """Pick ``k`` atoms maximising the summed joint Gaussian MI with each relation's targets.
 
     Returns (kept atoms sorted, per-atom score). An atom's score is its gain when selected;
     atoms never selected score below every selected one (their last gain, shifted down)."""
-    return greedy_gaussian_many([(relations, k)], ridge, block)[0]
+    return greedy_gaussian_many([(relations, k)], ridge, block, noise)[0]
 
 
 def greedy_gaussian_many(problems: list[tuple[Relations, int]], ridge: float = 1e-3,
-                         block: int = 128) -> list[tuple[np.ndarray, np.ndarray]]:
+                         block: int = 128, noise: float = TARGET_NOISE
+                         ) -> list[tuple[np.ndarray, np.ndarray]]:
     """:func:`greedy_gaussian` for independent groups (no group's target among the others),
     solved side by side, as many at a time as fit in ``MEMORY``: each pick is a dozen small
     operations, so the six FFN layers of a MiniLM take the time of about one."""
@@ -57,7 +61,8 @@ def greedy_gaussian_many(problems: list[tuple[Relations, int]], ridge: float = 1
     batch: list[tuple[list[torch.Tensor], int]] = []
     size = 0
     for relations, k in problems:
-        mats = [m for pair in (_conditional(s, t, ridge) for s, t in relations) for m in pair]
+        mats = [m for pair in (_conditional(s, t, ridge, noise) for s, t in relations)
+                for m in pair]
         need = sum(m.numel() * m.element_size() for m in mats)  # as padded: about the same
         if batch and size + need > MEMORY:
             results += _greedy_batch(batch, block)
@@ -184,7 +189,8 @@ def _logdet(blocks: torch.Tensor) -> torch.Tensor:
 
 
 def greedy_gaussian_blocks(relations: list[tuple[MomentSums, np.ndarray, np.ndarray]], k: int,
-                           atoms: int, ridge: float = 1e-3) -> tuple[np.ndarray, np.ndarray]:
+                           atoms: int, ridge: float = 1e-3, noise: float = TARGET_NOISE
+                           ) -> tuple[np.ndarray, np.ndarray]:
     """:func:`greedy_gaussian` for atoms of several columns (an attention head's 32 or 64):
     relations are (sums, atom of each x column, t columns), and adding atom a to the kept set
     raises the joint MI by 1/2 log det Cov(X_a | X_S) - 1/2 log det Cov(X_a | X_S, T), summed
@@ -192,7 +198,7 @@ def greedy_gaussian_blocks(relations: list[tuple[MomentSums, np.ndarray, np.ndar
     the atoms' determinants are taken in one batch per run of equally wide atoms."""
     state = []
     for sums, x_atoms, t_cols in relations:
-        mats = torch.stack(_conditional(sums, t_cols, ridge))
+        mats = torch.stack(_conditional(sums, t_cols, ridge, noise))
         cols = [np.nonzero(x_atoms == i)[0] for i in range(atoms)]
         by_width: dict[int, list[int]] = {}
         for i, c in enumerate(cols):

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from functools import partial
+
 import numpy as np
 import pytest
 import torch
@@ -30,12 +32,23 @@ def _gaussian_channels(n: int = 2000):
     return x, t, 0.5 * np.log(1 + 1 / noise.numpy() ** 2)
 
 
-@pytest.mark.parametrize("estimator, tol", [(gaussian, 0.03), (binned, 0.15), (ksg, 0.12)])
+@pytest.mark.parametrize("estimator, tol", [(partial(gaussian, noise=1e-3), 0.03),
+                                            (binned, 0.15), (ksg, 0.12)])
 def test_estimators_recover_known_gaussian_mi(estimator, tol):
     x, t, truth = _gaussian_channels()
     mi = estimator(_sums(x, t), np.arange(3), np.arange(1), 3)
     assert np.all(np.diff(mi) < 0), mi  # less noise, more information
     assert np.abs(mi - truth).max() < tol, (mi, truth)
+
+
+def test_gaussian_sees_the_target_through_noise_of_its_own_variance():
+    """By default T is observed as T + N, var N = var T (= 1 here): channel t + s e then
+    shares -1/2 log(1 - 1 / (2 (1 + s^2))) nats with it."""
+    x, t, _ = _gaussian_channels()
+    s = np.array([0.3, 1.0, 3.0])
+    truth = -0.5 * np.log(1 - 1 / (2 * (1 + s ** 2)))
+    mi = gaussian(_sums(x, t), np.arange(3), np.arange(1), 3)
+    assert np.abs(mi - truth).max() < 0.02, (mi, truth)
 
 
 def test_sample_estimators_see_dependence_without_correlation():

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 
+from surgery.scoring.estimators import TARGET_NOISE, gaussian
 from surgery.scoring.selection import _conditional, greedy_gaussian, greedy_gaussian_many
 from surgery.stats.moments import MomentSums
 
@@ -23,7 +24,7 @@ def _joint_mi(relations, subset: list[int]) -> float:
     """sum over relations of 1/2 (log det Cov(X_S) - log det Cov(X_S | T)), from scratch."""
     total = 0.0
     for sums, t_cols in relations:
-        a, b = _conditional(sums, t_cols, 1e-3)
+        a, b = _conditional(sums, t_cols, 1e-3, TARGET_NOISE)
         idx = torch.as_tensor(subset)
         sub = lambda m: m.index_select(0, idx).index_select(1, idx)  # noqa: E731
         total += 0.5 * float(torch.logdet(sub(a)) - torch.logdet(sub(b)))
@@ -136,3 +137,19 @@ def test_block_log_determinants_match_slogdet() -> None:
     finite = torch.isfinite(want) & (want > -1e3)
     assert torch.allclose(got[finite], want[finite], rtol=1e-10)
     assert got[0, 1] == -math.inf and got[1, 2] < -1e3  # singular either way
+
+
+def test_target_noise_weighs_a_direction_by_its_variance() -> None:
+    """Channel 0 explains 80% of a loud target direction, channel 1 all of a faint one. Seen
+    almost without noise (log-determinants: every direction alike) the faint, perfectly
+    explained direction wins; through noise of the target's own scale the loud one does, as
+    the error a next layer would see says it should. Both estimators agree."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(4000, 2, generator=g)
+    t = torch.stack([10 * x[:, 0] + 5 * torch.randn(4000, generator=g), 0.1 * x[:, 1]], 1)
+    rel = [(_sums(x, t), np.arange(2))]
+    assert list(greedy_gaussian(rel, 1, noise=1e-6)[0]) == [1]
+    assert list(greedy_gaussian(rel, 1, noise=TARGET_NOISE)[0]) == [0]
+    for noise, best in [(1e-6, 1), (TARGET_NOISE, 0)]:
+        scores = gaussian(rel[0][0], np.arange(2), np.arange(2), 2, noise=noise)
+        assert int(np.argmax(scores)) == best, (noise, scores)
