@@ -168,11 +168,12 @@ def global_kept(cost: CostModel, scores: dict[int, np.ndarray], sparsity: float,
     def removed(tau: float) -> float:
         return cost.removed(cost.mask(kept(tau)), kind)
 
-    if removed(1.0 + 1e-9) < sparsity - 1e-9:
-        at_most, asked = percents(removed(1.0 + 1e-9), sparsity)
+    top = max(float(np.max(n)) for n in norm.values()) + 1e-9
+    if removed(top) < sparsity - 1e-9:
+        at_most, asked = percents(removed(top), sparsity)
         raise BudgetError(f"at most {at_most} of {kind} can be removed with min_keep={min_keep};"
                           f" asked for {asked}.")
-    lo, hi = 0.0, 1.0 + 1e-9
+    lo, hi = min(float(np.min(n)) for n in norm.values()) - 1e-9, top  # scores may be < 0
     for _ in range(40):
         mid = (lo + hi) / 2
         if removed(mid) >= sparsity:
