@@ -192,6 +192,9 @@ def command_line(ctx: typer.Context) -> str:
                 parts.append(param.opts[0])
             elif param.secondary_opts:
                 parts.append(param.secondary_opts[0])
+        elif isinstance(value, (list, tuple)):  # a repeatable option: once per value
+            for item in value:
+                parts += [param.opts[0], str(item)]
         else:
             parts += [param.opts[0], str(value)]
     return shlex.join(parts)

@@ -9,6 +9,7 @@ through Typer's CliRunner (same app, in process) or the loaders directly.
 from __future__ import annotations
 
 import json
+import shlex
 import os
 import shutil
 import subprocess
@@ -466,6 +467,25 @@ def test_exclude_and_kinds_on_the_command_line(tmp_path: Path) -> None:
     assert "excluded" in (out / "report.md").read_text()
     res = invoke("prune", *TINY, *DATA, "--exclude", "dwn", "--out", str(tmp_path / "q"))
     assert res.exit_code == 1 and "exclude pattern 'dwn' matches no module" in res.output
+
+
+@pytest.mark.parametrize("exclude", [[], ["down", "fc"]])
+def test_the_reports_command_reproduces_the_plan(tmp_path: Path, exclude: list[str]) -> None:
+    """The report's Reproduce command, run as printed, makes the same plan (a list option
+    spelled once per value, an empty one not at all)."""
+    first, again = tmp_path / "a", tmp_path / "b"
+    excluded = [a for pattern in exclude for a in ("--exclude", pattern)]
+    res = invoke("prune", *TINY, *DATA, *excluded, "--sparsity", "0.3", "--latency-batch", "0",
+                 "--eval-samples", "0", "--out", str(first))
+    assert res.exit_code == 0, res.output
+    command = json.loads((first / "metrics.json").read_text())["command"]
+    args = shlex.split(command)
+    assert args[:2] == ["surgery", "prune"] and args.count("--exclude") == len(exclude)
+    args[args.index("--out") + 1] = str(again)
+    res = invoke(*args[1:])
+    assert res.exit_code == 0, (command, res.output)
+    assert (json.loads((first / "plan.json").read_text())["keep"]
+            == json.loads((again / "plan.json").read_text())["keep"])
 
 
 PLAIN = "also loads with transformers' AutoModel*.from_pretrained"
