@@ -57,7 +57,7 @@ class PruneOptions:
     - ``estimator``: the MI estimator of ``mi``/``mi_topk`` (``gaussian``, ``binned``,
       ``ksg`` or a plugin's).
     - ``target_noise``: the Gaussian estimators see each target through noise of this many
-      times its mean variance (default 1: a direction of the target counts by its variance;
+      times its mean variance (default 10: a direction of the target counts by its variance;
       near 0 every direction counts alike; see
       :data:`surgery.scoring.estimators.TARGET_NOISE` for what was measured).
     - ``round_to``: kept channels per group are multiples of this (e.g. 16 for hardware; a

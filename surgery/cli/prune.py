@@ -104,8 +104,8 @@ def prune(
     target_noise: Annotated[float, typer.Option(
         min=0.0,
         help="Gaussian MI sees each target through noise of this many times its mean "
-             "variance: 1 weighs a target direction by its variance, near 0 every direction "
-             "alike.")] = 1.0,
+             "variance: 10 weighs a target direction by its variance, near 0 every direction "
+             "alike.")] = 10.0,
     round_to: Annotated[str, typer.Option(
         help="Kept channels per group are multiples of this (e.g. 16), or 'auto': the "
              "multiple the device was measured to prefer.")] = "1",

@@ -42,12 +42,12 @@ def test_estimators_recover_known_gaussian_mi(estimator, tol):
 
 
 def test_gaussian_sees_the_target_through_noise_of_its_own_variance():
-    """By default T is observed as T + N, var N = var T (= 1 here): channel t + s e then
+    """With noise=1, T is observed as T + N, var N = var T (= 1 here): channel t + s e then
     shares -1/2 log(1 - 1 / (2 (1 + s^2))) nats with it."""
     x, t, _ = _gaussian_channels()
     s = np.array([0.3, 1.0, 3.0])
     truth = -0.5 * np.log(1 - 1 / (2 * (1 + s ** 2)))
-    mi = gaussian(_sums(x, t), np.arange(3), np.arange(1), 3)
+    mi = gaussian(_sums(x, t), np.arange(3), np.arange(1), 3, noise=1.0)
     assert np.abs(mi - truth).max() < 0.02, (mi, truth)
 
 
