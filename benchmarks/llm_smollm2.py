@@ -221,6 +221,7 @@ def report(store: dict[str, Any], command: str) -> None:
                      key=lambda r: (r["share"], r["masked"], not r["ours"], r["method"]))
     rows = [row(r, dense) for r in results]
     image = plot(results, dense)
+    summary = standing(results)
     body = (
         f"SmolLM2-135M-Instruct (30 layers, hidden 576, 9 query heads in 3 key-value groups, "
         f"FFN 1536): dense perplexity {dense['ppl']:.2f} ± {dense['ppl_se']:.2f} on "
@@ -233,10 +234,30 @@ def report(store: dict[str, Any], command: str) -> None:
         "interleaved with the dense model (median of per-round ratios). 'cache ok': greedy "
         "generation with the KV cache gives the same tokens as without.\n"
         f"Machine: {dense['machine']}.\n\n"
-        + markdown_table(rows, COLUMNS)
+        + markdown_table(rows, COLUMNS) + "\n\n" + summary
         + f"\n\n![perplexity vs share]({image})\n\n"
         + f"Reproduce: `{command}`.\n\n" + METHOD_NOTES)
     write_result(NAME, "LLM structured pruning baselines: SmolLM2-135M-Instruct", body)
+
+
+def standing(results: list[dict[str, Any]]) -> str:
+    """Per share, ``mi`` against the best structured method that is not ours (masks are a
+    reference, not a competitor): the ratio of perplexities and their standard errors."""
+    lines = []
+    for share in sorted({r["share"] for r in results}):
+        at = [r for r in results if r["share"] == share and not r["masked"]]
+        mi = next((r for r in at if r["method"] == "mi"), None)
+        others = [r for r in at if not r["ours"]]
+        if mi is None or not others:
+            continue
+        best = min(others, key=lambda r: r["ppl"])
+        ours = min((r for r in at if r["ours"]), key=lambda r: r["ppl"])
+        lines.append(
+            f"- {share:.0%}: `mi` {mi['ppl']:.2f} ± {mi['ppl_se']:.2f}, best of ours "
+            f"({ours['label']}) {ours['ppl']:.2f}, best other: {best['label']} "
+            f"{best['ppl']:.2f} ± {best['ppl_se']:.2f}; `mi` / best other = "
+            f"{mi['ppl'] / best['ppl']:.2f}x.")
+    return "Standing (lower perplexity is better):\n\n" + "\n".join(lines) if lines else ""
 
 
 METHOD_NOTES = """What each method does (benchmarks/llm_baselines.py has the details):
