@@ -60,7 +60,7 @@ def save_pruned(folder: str | os.PathLike, loaded: Loaded, pruned: torch.nn.Modu
     with warnings.catch_warnings():  # the base is built on the meta device: a factory that
         warnings.simplefilter("ignore", UserWarning)  # loads weights warns of no-op copies
         check_architecture(arch, plan)
-    write_folder(pruned, Path(folder), plan, arch)
+    write_folder(pruned, Path(folder), plan, arch, tokenizer=loaded.tokenizer)
     (Path(folder) / SOURCE_FILE).write_text(json.dumps(
         {"recipe": loaded.recipe, "inputs": loaded.inputs}, indent=1))
 

@@ -8,6 +8,9 @@ A saved pruned model is a folder::
                         size and sha256 of the two files above
     config.json         Hugging Face models only, when the updated config describes the pruned
                         model: the folder then also loads with ``from_pretrained``
+    tokenizer files     when a tokenizer is given (``tokenizer=``), as its ``save_pretrained``
+                        writes them: a plain folder is then complete (transformers 5 builds an
+                        empty vocabulary from a config alone)
 
 :func:`load` rebuilds the unpruned architecture (no weights needed), slices it with the plan
 (:func:`surgery.cut.apply.slice_model`, no tracing, the same fix-ups as pruning) and loads
@@ -72,6 +75,7 @@ def save(
     *,
     overwrite: bool = False,
     check: bool = True,
+    tokenizer: Any = None,
 ) -> Path:
     """Write the pruned ``model`` with its ``plan`` into the folder ``path``.
 
@@ -79,14 +83,16 @@ def save(
     unpruned model itself, or a string (``"timm:vit_tiny_patch16_224"``,
     ``"torchvision:resnet18"``, ``"package.module:callable"``). With ``check`` the base
     architecture is built once (on the meta device) and must match the plan's fingerprint, so
-    a folder that could not be loaded back is never written. Returns ``path``.
+    a folder that could not be loaded back is never written. ``tokenizer`` (anything with
+    ``save_pretrained``, e.g. the model's Hugging Face tokenizer) is saved beside the weights.
+    Returns ``path``.
     """
     path = Path(path)
     arch = Architecture.parse(architecture)
     if check:
         check_architecture(arch, plan)
     with atomic_folder(path, overwrite=overwrite) as tmp:
-        write_folder(model, tmp, plan, arch)
+        write_folder(model, tmp, plan, arch, tokenizer=tokenizer)
     return path
 
 
@@ -102,7 +108,8 @@ def check_architecture(arch: Architecture, plan: PruningPlan) -> None:
         )
 
 
-def write_folder(model: nn.Module, folder: Path, plan: PruningPlan, arch: Architecture) -> None:
+def write_folder(model: nn.Module, folder: Path, plan: PruningPlan, arch: Architecture, *,
+                 tokenizer: Any = None) -> None:
     """The files of a saved pruned model, into the existing (temporary) ``folder``; callers
     that add files of their own (``surgery prune``'s report) write in the same folder before
     it is renamed into place (:func:`surgery.io._atomic.atomic_folder`)."""
@@ -111,6 +118,8 @@ def write_folder(model: nn.Module, folder: Path, plan: PruningPlan, arch: Archit
     save_model(model, str(folder / WEIGHTS), metadata={"format": "pt"})
     (folder / PLAN).write_text(plan.to_json())
     _write_hf_config(model, folder)
+    if tokenizer is not None:
+        tokenizer.save_pretrained(str(folder))
     manifest = {
         "format": FORMAT,
         "version": FORMAT_VERSION,

@@ -537,6 +537,13 @@ def test_prune_says_what_loads_the_folder(tmp_path: Path) -> None:
     # tensors the outputs agree to the bit), so the matrix products may round differently
     assert torch.allclose(theirs(input_ids=ids, attention_mask=mask).logits, mine, rtol=0,
                           atol=1e-6)
+    # and its tokenizer: without one, transformers 5 builds an empty 5-token vocabulary
+    # from the config alone and every text becomes [UNK]s
+    from transformers import AutoTokenizer
+
+    text = "a good movie"
+    assert (AutoTokenizer.from_pretrained(tmp_path / "plain")(text)["input_ids"]
+            == AutoTokenizer.from_pretrained(folder)(text)["input_ids"])
 
     res = invoke("prune", *common, "--uniform-widths", "--allocation", "global",
                  "--out", str(tmp_path / "refused"))
