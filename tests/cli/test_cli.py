@@ -9,8 +9,8 @@ through Typer's CliRunner (same app, in process) or the loaders directly.
 from __future__ import annotations
 
 import json
-import shlex
 import os
+import shlex
 import shutil
 import subprocess
 import sys
