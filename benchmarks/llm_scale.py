@@ -48,7 +48,9 @@ def child(layers: int, windows: int, tokens: int, memory_gib: float) -> dict:
                                 calibration_memory=int(memory_gib * 2**30))
     start = time.perf_counter()
     coupling = surgery.couple(model, batches[0])
-    predicted = sum(calibration_bytes(coupling).values()) / 2**20
+    scored = [i for i, rel in enumerate(coupling.relations)  # the groups this prune cuts
+              if coupling.groups[rel.group].kind in opts.kinds]
+    predicted = sum(calibration_bytes(coupling, scored).values()) / 2**20
     traced = time.perf_counter() - start
     pruned, plan = surgery.prune(model, batches[0], batches, options=opts, inplace=True)
     seconds = time.perf_counter() - start
@@ -101,9 +103,13 @@ def main(argv: list[str] | None = None) -> None:
         + markdown_table(rows, columns)
         + "\n\nExtrapolated to 32 layers: weights "
         f"{full_weights / 1024:,.1f} GiB in float32 ({full_weights / 2048:,.1f} GiB in "
-        f"bfloat16); statistics, if all were held at once, {stats32 / 1024:,.1f} GiB — staged "
-        f"calibration holds at most `calibration_memory` of them (one pass over the data per "
-        f"stage), so the peak is the weights plus one stage plus one batch's activations. "
+        f"bfloat16); statistics of the cut groups, if all were held at once, "
+        f"{stats32 / 1024:,.1f} GiB: staged calibration holds at most `calibration_memory` of "
+        f"them (one pass over the data per stage). Peak memory grows by "
+        f"{per['peak_mb']:,.0f} MiB per layer (its weights are {per['weights_mb']:,.0f}), so 32 "
+        f"layers would peak near {(one['peak_mb'] + 31 * per['peak_mb']) / 1024:,.1f} GiB in "
+        f"float32: the weights plus one stage, the selection's working matrices and one "
+        f"batch's activations, which do not grow with depth. "
         f"CPU time here: {fixed_s:,.0f} s once plus {per['seconds']:,.0f} s per layer, "
         f"{fixed_s + 32 * per['seconds']:,.0f} s for 32 layers on this machine's cores "
         "(a GPU was not measured).\n\n"
