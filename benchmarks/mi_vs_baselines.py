@@ -56,6 +56,9 @@ class Task:
     several_kinds: bool = False  # heads, neurons, hidden dims: compare per-kind rates
     recovery_lr: float = 1e-4  # the fine-tune's own rate where the task has one
     output: Callable[[Any], torch.Tensor] = lambda out: out
+    movement_train: list[Any] | None = None
+    """Movement pruning's own training data, when the task's train split is bigger than the
+    recovery's slice (Fashion-MNIST: the whole 60,000-image split but the calibration images)."""
 
 
 def cnn_task() -> Task:
@@ -89,6 +92,7 @@ def _fashion_task(name: str, title: str, make: Callable[[], torch.nn.Module],
     model = make()
     cx, cy = job.prepare(tx[-512:]), ty[-512:]
     rx, ry = job.prepare(tx[-4096:-512]), ty[-4096:-512]
+    mx, my = tx[:-512], ty[:-512]
     vx, vy = job.prepare(vx[:2000]), vy[:2000]
     tests = [(vx[i:i + 256], vy[i:i + 256]) for i in range(0, len(vx), 256)]
     return Task(
@@ -99,6 +103,8 @@ def _fashion_task(name: str, title: str, make: Callable[[], torch.nn.Module],
         scope=lambda m: sum(p.numel() for p in m.parameters()),
         ignored=ignored,
         loss=lambda m, b: F.cross_entropy(m(b[0]), b[1]),
+        movement_train=[(job.prepare(mx[i:i + 64]), my[i:i + 64])
+                        for i in range(0, len(mx), 64)],
     )
 
 
@@ -228,7 +234,8 @@ METHODS: dict[str, Callable[[Task, float], torch.nn.Module]] = {
 def movement(task: Task, size: float, epochs: int) -> tuple[torch.nn.Module, int]:
     """Movement pruning (Sanh et al. 2020, hard top-k with the straight-through estimator),
     unstructured, with its own training: ``epochs`` passes over the task's train split
-    (distillation from the dense model, the recovery's rate). Scores accumulate
+    (``task.movement_train``, else ``task.train``; distillation from the dense model, the
+    recovery's rate). Scores accumulate
     ``-W * dL/dW'`` (the gradient with respect to the masked weight W' = W * M, so masked
     weights keep moving and can come back); the lowest-scoring weights are masked on the
     paper's cubic schedule (no pruning for the first 10% of the steps, the final sparsity at
@@ -244,7 +251,8 @@ def movement(task: Task, size: float, epochs: int) -> tuple[torch.nn.Module, int
     dense = {m: m.weight.detach().clone() for m in layers}
     total = sum(m.weight.numel() for m in layers)
     final = int(min(1.0, size * task.scope(model) / total) * total)
-    steps = epochs * len(task.train)
+    train = task.movement_train or task.train
+    steps = epochs * len(train)
     warmup, ramp = steps // 10, (7 * steps) // 10
     done = [0]
 
@@ -269,7 +277,7 @@ def movement(task: Task, size: float, epochs: int) -> tuple[torch.nn.Module, int
                 m.weight.mul_((scores[m] > threshold).to(m.weight.dtype))
 
     torch.manual_seed(0)
-    distill(model, task.model, task.train, steps, lr=task.recovery_lr,
+    distill(model, task.model, train, steps, lr=task.recovery_lr,
             after_backward=after_backward, on_step=on_step, progress=False)
     recalibrate_batchnorm(model, task.calib)
     return model.eval(), steps
