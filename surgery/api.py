@@ -183,10 +183,11 @@ def _decide(model: torch.nn.Module, example_inputs: Any, calib_data: Iterable[An
 
     def choose(w: dict[str, float] | None) -> tuple[dict, dict]:
         ctx.kept = {}
-        targets = counts if w is weights else _counts(allot, opts, w, limits)
         if opts.allocation == "global":  # every atom ranked by its own gain: a joint
             # selection stopped at the uniform count would rank the rest below every pick
             targets = {g.id: g.atoms for g in coupling.prunable}
+        else:
+            targets = counts if w is weights else _counts(allot, opts, w, limits)
         kept, scores = top_down(crit, ctx, targets, progress=_stage(progress, "score"),
                                 stages=stages)
         if opts.allocation == "global" and budget_model is not None:

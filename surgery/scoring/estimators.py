@@ -76,10 +76,9 @@ sets it per call."""
 
 @register("gaussian")
 def gaussian(sums: MomentSums, x_atoms: np.ndarray, t_columns: np.ndarray, n_atoms: int,
-             *, ridge: float = 1e-3, noise: float | None = None) -> np.ndarray:
+             *, ridge: float = 1e-3, noise: float = TARGET_NOISE) -> np.ndarray:
     """Gaussian MI of each atom (its x columns jointly) with the selected t columns, T
-    observed through noise of ``noise`` times its mean variance (default :data:`TARGET_NOISE`)."""
-    noise = TARGET_NOISE if noise is None else noise
+    observed through noise of ``noise`` times its mean variance (:data:`TARGET_NOISE`)."""
     out = np.zeros(n_atoms)
     if len(t_columns) == 0:
         return out

@@ -37,7 +37,6 @@ def _conditional(sums: MomentSums, t_cols: np.ndarray, ridge: float, noise: floa
 
 Relations = list[tuple[MomentSums, np.ndarray]]
 
-
 MEMORY = 256 * 2**20
 """Bytes of trailing matrices that :func:`greedy_gaussian_many` works on at once."""
 
