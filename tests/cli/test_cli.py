@@ -370,6 +370,20 @@ def _tokenizer():
     return BertTokenizerFast(vocab={w: i for i, w in enumerate(words)})
 
 
+def _bert_folder(folder: Path, hidden: int, layers: int) -> Path:
+    """A random-init BERT classifier over the eleven-word vocabulary, saved with its tokenizer
+    as a Hugging Face folder (seeded: the same weights every call)."""
+    from transformers import BertConfig, BertForSequenceClassification
+
+    torch.manual_seed(0)
+    config = BertConfig(vocab_size=11, hidden_size=hidden, num_hidden_layers=layers,
+                        num_attention_heads=2, intermediate_size=2 * hidden,
+                        max_position_embeddings=16, num_labels=2)
+    BertForSequenceClassification(config).save_pretrained(folder)
+    _tokenizer().save_pretrained(folder)
+    return folder
+
+
 def test_text_csv_and_jsonl_batches(tmp_path: Path) -> None:
     from surgery.cli.data import label_ids, load_data, read_text_rows
     from surgery.errors import LoadError
@@ -411,16 +425,9 @@ def _kept(group: dict) -> int:
 def test_hugging_face_folder(tmp_path: Path, monkeypatch) -> None:
     """A local Hugging Face folder with its tokenizer: inspect and prune (magnitude) end to end;
     without the plugins, the error says so."""
-    from transformers import BertConfig, BertForSequenceClassification
-
     import surgery.cli.specs
 
-    torch.manual_seed(0)
-    folder = tmp_path / "tiny-bert"
-    config = BertConfig(vocab_size=11, hidden_size=16, num_hidden_layers=1, num_attention_heads=2,
-                        intermediate_size=32, max_position_embeddings=16, num_labels=2)
-    BertForSequenceClassification(config).save_pretrained(folder)
-    _tokenizer().save_pretrained(folder)
+    folder = _bert_folder(tmp_path / "tiny-bert", hidden=16, layers=1)
     (tmp_path / "t.csv").write_text("text,label\n" + "a good movie,1\nbad plot,0\n" * 4)
 
     res = invoke("inspect", str(folder), "--seq-len", "8")
@@ -497,20 +504,11 @@ def test_prune_says_what_loads_the_folder(tmp_path: Path) -> None:
     """Widths that differ across layers make a folder only surgery.io.load reads, and the
     output and report say so; --uniform-widths makes a plain Hugging Face folder, which
     transformers loads alone."""
-    from transformers import (
-        AutoModelForSequenceClassification,
-        BertConfig,
-        BertForSequenceClassification,
-    )
+    from transformers import AutoModelForSequenceClassification
 
     from surgery import io
 
-    torch.manual_seed(0)
-    folder = tmp_path / "bert"
-    config = BertConfig(vocab_size=11, hidden_size=32, num_hidden_layers=2, num_attention_heads=2,
-                        intermediate_size=64, max_position_embeddings=16, num_labels=2)
-    BertForSequenceClassification(config).save_pretrained(folder)
-    _tokenizer().save_pretrained(folder)
+    folder = _bert_folder(tmp_path / "bert", hidden=32, layers=2)
     (tmp_path / "t.csv").write_text("text,label\n" + "a good movie,1\nbad plot was,0\n" * 4)
     common = [str(folder), "--seq-len", "8", "--data", str(tmp_path / "t.csv"), "--sparsity",
               "0.3", "--budget", "params", "--budget-scope", "bert.encoder", "--latency-batch",

@@ -81,14 +81,18 @@ def test_split_into_unequal_pieces_still_pins_the_axis():
     assert not group_of(c, "both.weight").prunable
 
 
-class ViewToShapeOf(nn.Module):
-    """OPT: ``shape = h.shape; h = h.reshape(-1, h.size(-1)); ...; out.view(shape)``."""
+class _EmbedBlockHead(nn.Module):
+    """embed -> one residual linear -> head; subclasses differ only in how they reshape."""
 
     def __init__(self, d: int = 8) -> None:
         super().__init__()
         self.embed = nn.Linear(4, d)
         self.fc = nn.Linear(d, d)
         self.head = nn.Linear(d, 3)
+
+
+class ViewToShapeOf(_EmbedBlockHead):
+    """OPT: ``shape = h.shape; h = h.reshape(-1, h.size(-1)); ...; out.view(shape)``."""
 
     def forward(self, x):
         h = self.embed(x)
@@ -97,14 +101,8 @@ class ViewToShapeOf(nn.Module):
         return self.head((flat + self.fc(flat)).view(shape))
 
 
-class ViewToAddedTuples(nn.Module):
+class ViewToAddedTuples(_EmbedBlockHead):
     """GPT-2: ``out_shape = (-1,) + x.size()[1:-1] + (h.size(-1),)``, read before the blocks."""
-
-    def __init__(self, d: int = 8) -> None:
-        super().__init__()
-        self.embed = nn.Linear(4, d)
-        self.fc = nn.Linear(d, d)
-        self.head = nn.Linear(d, 3)
 
     def forward(self, x):
         h = self.embed(x)

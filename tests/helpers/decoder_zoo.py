@@ -79,6 +79,21 @@ def calibration(batches: int = 4, seed: int = 10) -> list[dict[str, torch.Tensor
     return [tokens(4, 12, seed + i) for i in range(batches)]
 
 
+_COUPLED: dict[str, tuple] = {}
+
+
+def coupled(name: str) -> tuple:
+    """(model, example inputs, coupling) of ``make(name)``, built once per session and shared
+    by every test module; tests must not change them."""
+    if name not in _COUPLED:
+        import surgery
+
+        model = make(name)
+        x = inputs()
+        _COUPLED[name] = (model, x, surgery.couple(model, x))
+    return _COUPLED[name]
+
+
 def logits(model: torch.nn.Module, x: dict[str, torch.Tensor], **kwargs: Any) -> torch.Tensor:
     with torch.no_grad():
         return model(**x, **kwargs).logits

@@ -17,6 +17,7 @@ from helpers.decoder_zoo import (
     GQA_FAMILIES,
     calibration,
     check_widths,
+    coupled,
     greedy_loop,
     inputs,
     logits,
@@ -25,18 +26,6 @@ from helpers.decoder_zoo import (
 from surgery.cut.apply import apply_plan
 from surgery.cut.plan import build_plan
 from surgery_plugins.decoder_llms import gqa_atoms
-
-_COUPLED: dict[str, tuple] = {}
-
-
-def coupled(name: str):
-    """(model, example inputs, coupling), built once per session; tests must not change them."""
-    if name not in _COUPLED:
-        model = make(name)
-        x = inputs()
-        _COUPLED[name] = (model, x, surgery.couple(model, x))
-    return _COUPLED[name]
-
 
 # ---------------------------------------------------------------------------------------
 # The atoms of a Llama (SmolLM: tied LM head)

@@ -27,26 +27,15 @@ from helpers.decoder_zoo import (
     LENGTHS,
     calibration,
     check_widths,
+    coupled,
     greedy_loop,
-    inputs,
     logits,
-    make,
     positions,
 )
 from surgery.cut.apply import apply_plan
 from surgery.cut.plan import build_plan
 
-_COUPLED: dict[str, tuple] = {}
 _PRUNED: dict[tuple[str, str], tuple] = {}
-
-
-def coupled(name: str):
-    """(model, example inputs, coupling), built once per session; tests must not change them."""
-    if name not in _COUPLED:
-        model = make(name)
-        x = inputs()
-        _COUPLED[name] = (model, x, surgery.couple(model, x))
-    return _COUPLED[name]
 
 
 def _uneven(coupling) -> dict[int, list[int]]:
