@@ -65,3 +65,35 @@ def test_compensation_lowers_the_error_of_a_real_cut() -> None:
             errors[comp] = (pruned(x) - model(x)).pow(2).mean().item()
         assert ("compensated" in plan.extra) == comp
     assert errors[True] < 0.7 * errors[False], errors
+
+
+class BiasFreeReader(torch.nn.Module):
+    """A reader without a bias (a decoder's down_proj): hidden channel 4 is the constant 1,
+    channel 3 the constant 2, so channel 4 = channel 3 / 2 through the origin while its
+    covariance with every channel is zero."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.a = torch.nn.Linear(6, 5)
+        self.b = torch.nn.Linear(5, 3, bias=False)
+        with torch.no_grad():
+            self.a.weight[3:] = 0
+            self.a.bias[3], self.a.bias[4] = 2.0, 1.0
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.b(self.a(x))
+
+
+def test_a_bias_free_reader_keeps_the_removed_mean() -> None:
+    torch.manual_seed(0)
+    model = BiasFreeReader().eval()
+    batches = [torch.randn(64, 6) for _ in range(4)]
+    coupling, group, cal = _setup(model, batches[0], batches)
+    kept = {group.id: np.array([0, 1, 2, 3])}
+    plan = build_plan(coupling, kept, criterion="test", target="output", budget={})
+    fixed = copy.deepcopy(model)
+    compensate(fixed, coupling, cal, kept, ridge=1e-9)
+    fixed = apply_plan(fixed, plan, inplace=True)
+    x = torch.randn(32, 6)
+    with torch.no_grad():  # a centred fit finds nothing to regress on and drops W_4 * 1
+        assert (fixed(x) - model(x)).abs().max() < 1e-4
