@@ -26,8 +26,8 @@ from surgery.budget.kind_search import output_gap, outputs, search_kind_weights
 from surgery.budget.widths import limit_to_config
 from surgery.counting import count_macs, count_params, node_macs
 from surgery.cut.apply import apply_plan
-from surgery.cut.compensation import apply_refits
-from surgery.cut.compensation import compensate as compensate_readers
+from surgery.cut.compensation import apply_refits, refits
+from surgery.cut.sequential import cut_by_columns, sequential_refits
 from surgery.cut.plan import PruningPlan, build_plan
 from surgery.cut.recovery import recalibrate_batchnorm, stale_batchnorms
 from surgery.errors import BudgetError, CalibrationError, OptionsError
@@ -105,7 +105,7 @@ def prune(model: torch.nn.Module, example_inputs: Any,
     decision = _decide(model, example_inputs, calib_data, opts, progress,
                        statistics=opts.compensate)
     pruned = _realise(model, decision, example_inputs, compensate=opts.compensate,
-                      inplace=inplace)
+                      inplace=inplace, walk=_walk(opts, calib_data))
     _recover(pruned, decision, calib_data, opts, example_inputs)
     return pruned, decision.plan
 
@@ -121,6 +121,14 @@ def _recover(pruned: torch.nn.Module, decision: "_Decision", calib_data: Iterabl
             pruned, calib_data, opts.max_batches, only=stale) if stale else 0
     plan.budget["params"] = count_params(pruned)
     plan.budget["macs"] = count_macs(pruned, example_inputs) // max(1, rows(example_inputs))
+
+
+def _walk(opts: PruneOptions, calib_data: Iterable[Any] | None
+          ) -> tuple[Iterable[Any], dict[str, Any]] | None:
+    """What sequential compensation calibrates with, when it is asked for."""
+    if not (opts.sequential and opts.compensate and calib_data is not None):
+        return None
+    return calib_data, dict(max_batches=opts.max_batches, distributed=opts.distributed)
 
 
 def _options(options: PruneOptions | None, sparsity: float,
@@ -318,16 +326,32 @@ def _stage(progress: Progress | None, stage: str) -> Callable[[int], None] | Non
 
 
 def _realise(model: torch.nn.Module, decision: _Decision, example_inputs: Any, *,
-             compensate: bool, inplace: bool = False) -> torch.nn.Module:
+             compensate: bool, inplace: bool = False,
+             walk: tuple[Iterable[Any], dict[str, Any]] | None = None) -> torch.nn.Module:
     """Cut ``model`` (a copy unless ``inplace``) by the decision's plan, refitting the readers
-    of cut groups first when ``compensate`` and calibration statistics are there."""
+    of cut groups first when ``compensate`` and calibration statistics are there. With
+    ``walk`` (calibration data and the walk's options), the groups a column cut removes are
+    refitted sequentially on the cut model's own activations (:mod:`surgery.cut.sequential`)
+    and the rest from the dense statistics."""
     target_model = model if inplace else copy.deepcopy(model)
     ctx = decision.ctx
-    if compensate and ctx.refits is not None:
-        decision.plan.extra["compensated"] = apply_refits(target_model, ctx.refits)
-    elif compensate and ctx.calibration is not None:
-        decision.plan.extra["compensated"] = compensate_readers(
-            target_model, ctx.coupling, ctx.calibration, decision.kept)
+    if not compensate or (ctx.refits is None and ctx.calibration is None):
+        return apply_plan(target_model, decision.plan, example_inputs, inplace=True)
+    cut = [g for g in ctx.coupling.prunable if len(decision.kept[g.id]) < g.atoms]
+    walked = ([g for g in cut if cut_by_columns(ctx.coupling, g)] if walk is not None else [])
+    skip = {g.id for g in walked}
+    if ctx.refits is not None:
+        dense = [r for r in ctx.refits if r.group not in skip]
+    else:
+        dense = refits(target_model, ctx.coupling, ctx.calibration,
+                       {k: v for k, v in decision.kept.items() if k not in skip})
+    done = []
+    if walked:
+        data, options = walk
+        done = sequential_refits(target_model, ctx.coupling, data, decision.kept, walked,
+                                 **options)
+        decision.plan.extra["sequential_compensation"] = {"groups": len(walked)}
+    decision.plan.extra["compensated"] = done + apply_refits(target_model, dense)
     return apply_plan(target_model, decision.plan, example_inputs, inplace=True)
 
 

@@ -71,6 +71,10 @@ class PruneOptions:
       returns the same plan (see :mod:`surgery.stats.distributed`).
     - ``compensate``: refit every conv/linear that reads a cut group by least squares from
       its kept inputs (uses the calibration statistics; skipped without them).
+    - ``sequential``: with ``compensate``, refit the readers bottom-up, each on the
+      activations of the model as cut below it rather than the dense model's (one more
+      calibration pass per cut group; hidden dims keep the dense refit; see
+      :mod:`surgery.cut.sequential`).
     - ``recalibrate``: re-estimate BatchNorm running statistics on the calibration data after
       the cut (no labels, one pass; skipped when there is no BatchNorm or no data).
     - ``uniform_widths``: every layer keeps the same width per kind (every group of a kind
@@ -104,6 +108,7 @@ class PruneOptions:
     seed: int = 0
     distributed: bool | None = None
     compensate: bool = True
+    sequential: bool = False
     recalibrate: bool = True
     uniform_widths: bool = False
     calibration_memory: int = 4 * 2**30
@@ -168,6 +173,9 @@ class PruneOptions:
             raise OptionsError(f"target_noise must be a positive number (times the target's "
                                f"mean variance; default {TARGET_NOISE:g}), got "
                                f"{self.target_noise!r}.")
+        if self.sequential and not self.compensate:
+            raise OptionsError("sequential=True refits the readers of cut groups one after "
+                               "another, which is compensation: it needs compensate=True.")
         if isinstance(self.kind_weights, str) and self.kind_weights not in KIND_WEIGHT_MODES:
             raise BudgetError(f"kind_weights must be a dict {{kind: weight}}, 'search', "
                               f"'uniform' or None, got {self.kind_weights!r}.")

@@ -127,6 +127,11 @@ def prune(
     compensate: Annotated[bool, typer.Option(
         help="Refit the layers reading a cut group by least squares on the calibration "
              "statistics.")] = True,
+    sequential: Annotated[bool, typer.Option(
+        "--sequential",
+        help="Refit bottom-up, each layer on the activations of the model as cut below it "
+             "(one more calibration pass per cut group; best for deep models such as "
+             "LLMs).")] = False,
     uniform_widths: Annotated[bool, typer.Option(
         "--uniform-widths",
         help="Keep one width per kind in every layer and cut only what the model's config can "
@@ -170,7 +175,7 @@ def prune(
         kind_weights=parse_kind_weights(kind_weights), estimator=estimator,
         target_noise=target_noise, round_to=parse_round_to(round_to),
         min_keep=min_keep, seed=seed, recalibrate=recalibrate, compensate=compensate,
-        uniform_widths=uniform_widths)
+        sequential=sequential, uniform_widths=uniform_widths)
     if data is None and get_criterion(criterion).needs_calibration:
         raise ValueError(f"criterion {criterion!r} needs calibration data: pass --data "
                          f"({DATA_HELP}), or use --criterion magnitude.")
@@ -202,7 +207,8 @@ def prune(
         "min_keep": min_keep,
         "calibration data": data or "none", "calibration samples": calib.samples if calib else 0,
         "evaluation data": (eval_data or data) if evaluation else "none",
-        "batchnorm re-estimation": recalibrate, "least-squares compensation": compensate,
+        "batchnorm re-estimation": recalibrate, "least-squares compensation":
+        ("sequential" if sequential else "on dense statistics") if compensate else False,
         "uniform widths": uniform_widths, "device": dev, "seed": seed,
     }
     loads = _write(out, overwrite, loaded, pruned, plan, model, command, dense, after, speedup,

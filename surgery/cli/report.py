@@ -183,8 +183,11 @@ def write_report(folder: str | Path, *, plan: Any, model: str, command: str,
     if recal:
         intro += f" BatchNorm statistics re-estimated on the calibration data ({recal} layers)."
     if plan.extra.get("compensated"):
+        walked = plan.extra.get("sequential_compensation")
+        how = (f", {walked['groups']} groups bottom-up on the cut model's own activations"
+               if walked else "")
         intro += (f" {_count(plan.extra['compensated'])} layers reading a cut group refitted by "
-                  "least squares.")
+                  f"least squares{how}.")
     fallbacks = plan.extra.get("fallbacks") or {}
     if fallbacks:
         intro += (f" {len(fallbacks)} group(s) could not be scored as asked: "

@@ -1,0 +1,226 @@
+"""Sequential compensation: refit each reader on the inputs the cut layers below give it.
+
+Compensation from the dense model's statistics (:mod:`surgery.cut.compensation`) regresses a
+reader's removed inputs on its kept ones as the *dense* model computes them. Once the model
+is cut, the kept inputs are something else: every group underneath was cut too, and its
+error flows up into this reader. Sequential compensation walks the cut groups bottom-up (in
+the order their readers run); for each it collects the readers' input statistics on the
+model as cut so far, refits the readers from them, and cuts the group in the model by
+zeroing the readers' removed input columns, so that the next group is fitted on what it will
+really see. It is the layer-wise reconstruction of SparseGPT and SlimGPT applied to our refit
+(each reader reproduces what its dense weights would compute from the inputs it now gets);
+the selection is unchanged.
+
+The walk is one forward pass that pauses at each reader: every calibration batch is run
+through the graph node by node up to the reader, holding only the values still to be used
+(for a decoder, the residual stream and the attention masks), so the cost is about one more
+calibration pass (a reader inside a leaf module, such as an attention's output projection,
+runs its leaf twice: once observed, once refitted), and the memory is the live activations
+of every calibration batch at one point of the graph.
+
+Zeroing the readers' columns is the cut only where every reader of the group is a conv or
+linear layer and nothing normalises across the group: heads, FFN neurons, a CNN's channels.
+A residual stream's hidden dims pass through every LayerNorm/RMSNorm, so zeroing columns is
+not removing them; such groups keep the dense statistics' refit, added after the walk, and
+the groups fitted sequentially see the stream without their cut.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import inspect
+import operator
+from typing import Any, Iterable
+
+import numpy as np
+import torch
+import torch.fx as fx
+
+from surgery.cut.compensation import (apply_refits, reader_weight, refits, transposed_linear,
+                                      weighted_reader)
+from surgery._core.batches import as_args, split_batch, to_device
+from surgery.graph.groups import ChannelGroup, Coupling
+from surgery.stats import distributed as dist_calib
+from surgery.stats._probes import align, columns, features_of, pool
+from surgery.stats.calibration import Calibration
+from surgery.stats.moments import MomentSums
+
+_CUT_BY_COLUMNS = (torch.nn.Linear, torch.nn.modules.conv._ConvNd,
+                   torch.nn.modules.batchnorm._BatchNorm, torch.nn.Embedding)
+"""Modules whose slices of a group carry no cross-channel computation: when only these hold
+a group, zeroing its readers' input columns removes it exactly."""
+
+
+def cut_by_columns(coupling: Coupling, group: ChannelGroup) -> bool:
+    """Whether zeroing the input columns of ``group``'s readers is the same as cutting it:
+    every relation reading it has a conv/linear reader and every module it touches is a
+    conv, linear, BatchNorm or embedding (no norm across the group, no attention leaf that
+    mixes it by other means)."""
+    model = coupling.capture.model
+    gm = coupling.capture.graph_module
+    for name in group.modules:
+        module = model.get_submodule(name)
+        if not (isinstance(module, _CUT_BY_COLUMNS) or transposed_linear(module)):
+            return False
+    relations = [rel for rel in coupling.relations if rel.group == group.id]
+    return bool(relations) and all(weighted_reader(gm, rel)[1] is not None
+                                   for rel in relations)
+
+
+def sequential_refits(model: torch.nn.Module, coupling: Coupling, calib_data: Iterable[Any],
+                      kept: dict[int, np.ndarray], groups: list[ChannelGroup], *,
+                      max_batches: int | None = None, distributed: bool | None = None,
+                      grid: int = 4) -> list[str]:
+    """Refit the readers of ``groups`` (each :func:`cut_by_columns`) in ``model`` bottom-up,
+    each on the inputs ``model`` gives it with the readers below already refitted and cut;
+    ``model`` is the copy about to be sliced (same module names as the traced model), changed
+    in place. Under ``torch.distributed`` each rank runs its share of the batches and the
+    statistics are all-reduced before every refit. Returns the names of the layers refitted."""
+    on_copy = _on(model, coupling)
+    ids = {g.id for g in groups}
+    order = {node.name: i for i, node in enumerate(on_copy.capture.graph_module.graph.nodes)}
+    steps: dict[str, list[int]] = {}
+    for i, rel in sorted(enumerate(coupling.relations), key=lambda r: order[r[1].layer]):
+        if rel.group in ids:
+            steps.setdefault(rel.layer, []).append(i)
+    distributed = dist_calib.active() if distributed is None else distributed
+    walk = _Walk(on_copy, calib_data, max_batches, distributed)
+    done: list[str] = []
+    for layer, relations in steps.items():
+        stats = walk.observe(layer, relations, grid)
+        found = refits(model, on_copy, stats, {g: kept[g] for g in ids})
+        done += apply_refits(model, found)
+        for i in relations:
+            removed = np.setdiff1d(np.arange(coupling.groups[coupling.relations[i].group].atoms),
+                                   kept[coupling.relations[i].group])
+            _zero_columns(model, on_copy, i, removed, stats.x_features[i])
+    return done
+
+
+class _Walk:
+    """The calibration batches run through the graph together, node by node, up to a reader;
+    each batch's live values (those a later node still reads) are kept between steps."""
+
+    def __init__(self, coupling: Coupling, calib_data: Iterable[Any], max_batches: int | None,
+                 distributed: bool) -> None:
+        self.coupling = coupling
+        gm = coupling.capture.graph_module
+        self.nodes = list(gm.graph.nodes)
+        self.index = {node: i for i, node in enumerate(self.nodes)}
+        self.last_use = {node: max((self.index[u] for u in node.users), default=-1)
+                         for node in self.nodes}
+        self.interpreter = fx.Interpreter(gm)
+        self.device = next((p.device for p in gm.parameters()), torch.device("cpu"))
+        self.distributed = distributed
+        rank, world = ((dist_calib.rank(), dist_calib.world_size()) if distributed else (0, 1))
+        signature = inspect.signature(gm.forward)
+        self.envs: list[dict[fx.Node, Any]] = []
+        self.masks: list[torch.Tensor | None] = []
+        placeholders = [n for n in self.nodes if n.op == "placeholder"]
+        for b, batch in enumerate(calib_data):
+            if max_batches is not None and b >= max_batches:
+                break
+            if b % world != rank:
+                continue
+            inputs, _ = split_batch(batch)
+            inputs = to_device(inputs, self.device)
+            args, kwargs = as_args(inputs)
+            bound = signature.bind(*args, **kwargs)
+            bound.apply_defaults()
+            self.envs.append({n: bound.arguments[n.target] for n in placeholders})
+            self.masks.append(inputs.get("attention_mask") if isinstance(inputs, dict)
+                              else None)
+        self.done = len(placeholders)
+
+    def observe(self, layer: str, relations: list[int], grid: int) -> Calibration:
+        """Run every batch up to node ``layer`` and collect the input statistics of the
+        readers of ``relations`` there (running ``layer`` itself, outputs dropped, for a
+        reader inside it); ``layer`` stays to be run with the refitted weights."""
+        target = next(n for n in self.nodes if n.name == layer)
+        self._advance(self.index[target])
+        relations_of = self.coupling.relations
+        result = Calibration(self.coupling)
+        for i in relations:
+            result.x_features[i] = features_of(relations_of[i].probe)
+            result.sums[i] = MomentSums(len(result.x_features[i].atom_of_column), 0)
+        inner = [i for i in relations if relations_of[i].probe.module is not None]
+        gm = self.coupling.capture.graph_module
+        with torch.no_grad():
+            for env, mask in zip(self.envs, self.masks):
+                seen: dict[int, torch.Tensor] = {}
+                handles = [gm.get_submodule(relations_of[i].probe.module)
+                           .register_forward_pre_hook(_keep(seen, i, relations_of[i].probe.axis,
+                                                            grid)) for i in inner]
+                try:
+                    if inner:
+                        self._run(target, env)
+                finally:
+                    for handle in handles:
+                        handle.remove()
+                for i in relations:
+                    probe = relations_of[i].probe
+                    pooled = (seen[i] if i in seen
+                              else pool(env[self._node(probe.node)], probe.axis, grid))
+                    x = columns(pooled, result.x_features[i])
+                    result.sums[i].add(align(x, x, mask)[0])
+        result.batches = len(self.envs)
+        if self.distributed:
+            dist_calib.all_reduce_sums(result.sums, result.batches, 0)
+        return result
+
+    def _advance(self, stop: int) -> None:
+        """Run the nodes before index ``stop`` for every batch, dropping dead values."""
+        with torch.no_grad():
+            for env in self.envs:
+                for node in self.nodes[self.done:stop]:
+                    env[node] = self._run(node, env)
+                    for arg in node.all_input_nodes:
+                        if self.last_use[arg] <= self.index[node]:
+                            env.pop(arg, None)
+        self.done = max(self.done, stop)
+
+    def _run(self, node: fx.Node, env: dict[fx.Node, Any]) -> Any:
+        self.interpreter.env = env
+        return self.interpreter.run_node(node)
+
+    def _node(self, name: str) -> fx.Node:
+        return next(n for n in self.nodes if n.name == name)
+
+
+def _keep(seen: dict[int, torch.Tensor], i: int, axis: int, grid: int):
+    def hook(module: torch.nn.Module, inputs: tuple) -> None:
+        seen[i] = pool(inputs[0], axis, grid)
+
+    return hook
+
+
+def _zero_columns(model: torch.nn.Module, coupling: Coupling, relation: int,
+                  removed: np.ndarray, feats: Any) -> None:
+    """Cut the removed atoms out of one reader by zeroing their input columns."""
+    name, _ = weighted_reader(coupling.capture.graph_module, coupling.relations[relation])
+    positions = feats.positions[np.isin(feats.position_atoms, removed)]
+    with torch.no_grad():
+        weight = reader_weight(model.get_submodule(name))
+        weight[:, torch.as_tensor(positions, device=weight.device)] = 0
+
+
+def _on(model: torch.nn.Module, coupling: Coupling) -> Coupling:
+    """``coupling`` over ``model``, a copy of the traced model: the same graph calling the
+    copy's modules and weights (graph constants are shared), so calibrating it observes the
+    copy as it is being cut."""
+    gm = coupling.capture.graph_module
+    root: dict[str, Any] = {}
+    for node in gm.graph.nodes:
+        if node.op in ("get_attr", "call_module"):
+            try:
+                root[node.target] = operator.attrgetter(node.target)(model)
+            except AttributeError:  # a constant fx stored on the graph module
+                root[node.target] = operator.attrgetter(node.target)(gm)
+    graph = fx.Graph()
+    graph.output(graph.graph_copy(gm.graph, {}))
+    capture = dataclasses.replace(coupling.capture, model=model,
+                                  graph_module=fx.GraphModule(root, graph))
+    return dataclasses.replace(coupling, capture=capture)
+
+
+__all__ = ["cut_by_columns", "sequential_refits"]
