@@ -43,22 +43,25 @@ RESULTS = DOCS / f"{NAME}.json"
 
 # --- ours: surgery itself, behind one function ---------------------------------------------
 
-def _ours(criterion: str, kinds: frozenset[str] = frozenset({"head", "neuron"})) -> Method:
+def _ours(criterion: str, kinds: frozenset[str] = frozenset({"head", "neuron"}),
+          deep: bool = False) -> Method:
     """OURS: ``surgery.prune`` with ``criterion``, budgeted like the baselines (share of the
     decoder layers' parameters; by default KV groups and FFN channels only, hidden size kept),
-    every other option at its default (joint selection, least-squares compensation)."""
+    every other option at its default (joint selection, least-squares compensation). ``deep``:
+    the settings for deep models, sequential compensation and the log depth schedule."""
 
     def prune(model: nn.Module, calib: torch.Tensor, share: float) -> nn.Module:
         import surgery
 
         options = surgery.PruneOptions(sparsity=share, budget="params",
                                        budget_scope=("model.layers",), criterion=criterion,
-                                       kinds=kinds)
+                                       kinds=kinds, sequential=deep,
+                                       depth_schedule="log" if deep else "flat")
         pruned, _plan = surgery.prune(model, calib[:1], list(calib.split(8)), options=options,
                                       inplace=True)
         return pruned
 
-    prune.__name__ = f"ours_{criterion}"
+    prune.__name__ = f"ours_{criterion}{'_deep' if deep else ''}"
     return prune
 
 
@@ -76,8 +79,11 @@ REGISTRY: dict[str, Entry] = {
     "mi": Entry(_ours("mi"), "ours: mi", ours=True),
     "act_weight": Entry(_ours("act_weight"), "ours: act_weight", ours=True),
     "magnitude": Entry(_ours("magnitude"), "ours: magnitude", ours=True),
-    "mi_hidden": Entry(_ours("mi", frozenset({"head", "neuron", "hidden"})),
-                       "ours: mi, hidden dims cut too", ours=True),
+    "mi_deep": Entry(_ours("mi", deep=True), "ours: mi, sequential, log depth", ours=True),
+    "act_weight_deep": Entry(_ours("act_weight", deep=True),
+                             "ours: act_weight, sequential, log depth", ours=True),
+    "mi_hidden": Entry(_ours("mi", frozenset({"head", "neuron", "hidden"}), deep=True),
+                       "ours: mi, sequential, log depth, hidden dims cut too", ours=True),
     "flap": Entry(BASELINES["flap"], "FLAP (WIFV, global, bias compensation)"),
     "wanda_sp": Entry(BASELINES["wanda_sp"], "Wanda-sp (uniform)"),
     "slimgpt": Entry(BASELINES["slimgpt"], "SlimGPT-style OBS (log-increasing ratio)"),
@@ -90,7 +96,7 @@ REGISTRY: dict[str, Entry] = {
 }
 """Method name (``--methods``) -> how to prune; ours first."""
 
-DEFAULT_METHODS = ("mi,act_weight,magnitude,flap,wanda_sp,slimgpt,torch_pruning,"
+DEFAULT_METHODS = ("mi_deep,act_weight_deep,mi,act_weight,magnitude,flap,wanda_sp,slimgpt,torch_pruning,"
                    "magnitude_unstructured")
 
 
@@ -316,12 +322,13 @@ METHOD_NOTES = """What each method does (benchmarks/llm_baselines.py has the det
   (`budget="params"`, `budget_scope=("model.layers",)`, kinds head (KV groups) and neuron),
   every other option at its default: uniform per-layer ratio, joint selection for `mi`
   (target: the dense model's next-token distribution, sketched to its 255 likeliest tokens
-  plus the rest, each target seen through noise of its own variance), least-squares
-  refit of every `o_proj`/`down_proj` that reads a cut group. `mi_hidden` also cuts hidden
-  dims (embeddings, norms and every projection), under the default kind weights; its row
-  was measured at `target_noise=1`, before the default became 10: hidden dims of a decoder
-  LLM collapse it whichever way they are chosen here (the RMSNorms that read the residual
-  stream are not compensated for the dims they lose).
+  plus the rest, each target seen through noise of 10 times its mean variance),
+  least-squares refit of every `o_proj`/`down_proj` that reads a cut group (through the
+  origin: they have no bias). `mi_deep`, `act_weight_deep`: the settings for deep models,
+  `sequential=True` (each reader refitted on the activations of the model as cut below it)
+  and `depth_schedule="log"` (the per-layer rate rising as `ln(i + 1)`, SlimGPT's schedule).
+  `mi_hidden` is `mi_deep` that also cuts hidden dims (embeddings, norms and every
+  projection) under the default kind weights.
 """
 
 

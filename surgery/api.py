@@ -27,9 +27,9 @@ from surgery.budget.widths import limit_to_config
 from surgery.counting import count_macs, count_params, node_macs
 from surgery.cut.apply import apply_plan
 from surgery.cut.compensation import apply_refits, refits
-from surgery.cut.sequential import cut_by_columns, sequential_refits
 from surgery.cut.plan import PruningPlan, build_plan
 from surgery.cut.recovery import recalibrate_batchnorm, stale_batchnorms
+from surgery.cut.sequential import cut_by_columns, sequential_refits
 from surgery.errors import BudgetError, CalibrationError, OptionsError
 from surgery.graph.capture import trace
 from surgery.graph.groups import ChannelGroup, Coupling, find_groups
@@ -318,7 +318,8 @@ def _counts(cost: CostModel, opts: PruneOptions, weights: dict[str, float] | Non
     """Atoms kept per group; ``limits``: why uniform_widths spared groups."""
     return uniform_counts(cost, opts.sparsity, opts.budget, round_to=opts.round_to,
                           min_keep=opts.min_keep, kind_weights=weights,
-                          uniform_widths=opts.uniform_widths, spared=tuple(limits))
+                          uniform_widths=opts.uniform_widths, spared=tuple(limits),
+                          depth_schedule=opts.depth_schedule)
 
 
 def _stage(progress: Progress | None, stage: str) -> Callable[[int], None] | None:

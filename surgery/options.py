@@ -12,6 +12,7 @@ import numbers
 from dataclasses import dataclass
 from typing import Any, Mapping
 
+from surgery.budget.allocate import DEPTH_SCHEDULES
 from surgery.budget.cost import KINDS
 from surgery.budget.latency_spec import LatencySpec, check_speedup
 from surgery.errors import BudgetError, CalibrationError, OptionsError
@@ -49,6 +50,10 @@ class PruneOptions:
       prunes' time; see :mod:`surgery.budget.kind_search`); ``"uniform"``: every kind at the
       same rate (the paper's setting); default: the plugin's (transformers: neurons 1, heads
       0.5, hidden dims 0.1), else uniform.
+    - ``depth_schedule``: ``"flat"`` (every layer at the shared rate: the paper's setting) or
+      ``"log"``: the rate rises with depth as ``ln(i + 1)`` (the first layer of each kind
+      whole; SlimGPT's schedule; :func:`surgery.budget.allocate.depth_weights`). Needs
+      ``allocation="uniform"`` without ``uniform_widths``.
     - ``criterion``: ``mi`` (default: joint top-down MI), ``mi_topk``, ``act_weight``,
       ``taylor``, ``magnitude``, ``random`` or a plugin's.
     - ``target``: what the top layer's channels must explain: ``output`` (the dense model's
@@ -97,6 +102,7 @@ class PruneOptions:
     kinds: frozenset[str] | None = None
     exclude: tuple[str, ...] = ()
     kind_weights: Mapping[str, float] | str | None = None
+    depth_schedule: str = "flat"
     criterion: str = "mi"
     target: str = "output"
     allocation: str = "uniform"
@@ -173,6 +179,15 @@ class PruneOptions:
             raise OptionsError(f"target_noise must be a positive number (times the target's "
                                f"mean variance; default {TARGET_NOISE:g}), got "
                                f"{self.target_noise!r}.")
+        if self.depth_schedule not in DEPTH_SCHEDULES:
+            raise BudgetError(f"depth_schedule must be one of {DEPTH_SCHEDULES}, got "
+                              f"{self.depth_schedule!r}.")
+        if self.depth_schedule != "flat" and (self.allocation != "uniform"
+                                               or self.uniform_widths):
+            raise BudgetError(
+                f"depth_schedule={self.depth_schedule!r} sets each layer's rate by its depth, "
+                "which needs allocation='uniform' and no uniform_widths (a global threshold "
+                "sets the rates by score, uniform_widths keeps one width in every layer).")
         if self.sequential and not self.compensate:
             raise OptionsError("sequential=True refits the readers of cut groups one after "
                                "another, which is compensation: it needs compensate=True.")
@@ -199,6 +214,7 @@ class PruneOptions:
         return {"kind": self.budget, "scope": list(self.budget_scope),
                 "sparsity": self.sparsity, "allocation": self.allocation,
                 "round_to": self.round_to, "min_keep": self.min_keep,
+                "depth_schedule": self.depth_schedule,
                 "estimator": self.estimator, "target_noise": self.target_noise,
                 "uniform_widths": self.uniform_widths,
                 **({"target_speedup": self.target_speedup} if self.budget == "latency" else {})}

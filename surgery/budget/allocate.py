@@ -54,10 +54,30 @@ def width_classes(groups: list[ChannelGroup], steps: dict[int, int]) -> list[lis
     return list(classes.values())
 
 
+DEPTH_SCHEDULES = ("flat", "log")
+
+
+def depth_weights(groups: list[ChannelGroup], schedule: str) -> dict[int, float]:
+    """Per-group multipliers of the removal rate by depth. ``flat``: 1 everywhere (the
+    paper's setting). ``log``: the i-th of a kind's n groups, bottom-up, weighs
+    ``ln(i + 1)`` scaled to mean 1, SlimGPT's Incremental Pruning Ratio: the error a cut
+    makes low in a deep model is carried and amplified by every layer above it, so the first
+    layer of each kind is left whole and the rate rises logarithmically with depth."""
+    if schedule == "flat":
+        return {g.id: 1.0 for g in groups}
+    out: dict[int, float] = {}
+    for kind in {g.kind for g in groups}:
+        same = sorted((g for g in groups if g.kind == kind), key=lambda g: (g.order, g.id))
+        shape = [math.log(i + 1) for i in range(len(same))]
+        mean = sum(shape) / len(shape)
+        out.update({g.id: (s / mean if mean > 0 else 1.0) for g, s in zip(same, shape)})
+    return out
+
+
 def uniform_counts(cost: CostModel, sparsity: float, kind: str, *, round_to: int = 1,
                    min_keep: int = 1, kind_weights: dict[str, float] | None = None,
-                   uniform_widths: bool = False, spared: tuple[str, ...] = ()
-                   ) -> dict[int, int]:
+                   uniform_widths: bool = False, spared: tuple[str, ...] = (),
+                   depth_schedule: str = "flat") -> dict[int, int]:
     """Atoms kept per group for one removal rate shared by all groups, refined group by group
     until the removed share is as close to ``sparsity`` as whole atoms allow.
 
@@ -66,6 +86,7 @@ def uniform_counts(cost: CostModel, sparsity: float, kind: str, *, round_to: int
     Transformers lose far less accuracy per parameter from FFN neurons than from heads or
     hidden dims, so e.g. ``{"neuron": 1, "head": 0.5, "hidden": 0.25}`` spends the budget on
     neurons first while every kind still shrinks; equal weights are the paper's setting.
+    ``depth_schedule`` scales it per group by depth as well (:func:`depth_weights`).
 
     The shared rate gives every group of a :func:`width_classes` class the same count; the
     refinement then moves single groups, or, with ``uniform_widths``, whole classes, so that
@@ -76,6 +97,8 @@ def uniform_counts(cost: CostModel, sparsity: float, kind: str, *, round_to: int
     weights = {g.id: float((kind_weights or {}).get(g.kind, 1.0)) for g in groups}
     if any(w < 0 or not np.isfinite(w) for w in weights.values()):
         raise BudgetError(f"kind_weights must be finite and >= 0, got {kind_weights!r}.")
+    depth = depth_weights(groups, depth_schedule)
+    weights = {g: w * depth[g] for g, w in weights.items()}
     if not any(w > 0 for w in weights.values()):
         raise BudgetError(f"kind_weights {kind_weights!r} give every prunable group weight 0, so "
                           "nothing can be cut; give at least one of the model's kinds "
@@ -95,8 +118,11 @@ def uniform_counts(cost: CostModel, sparsity: float, kind: str, *, round_to: int
         whole = [g for g in groups if g.atoms <= min_keep]
         note = (f"; min_keep={min_keep} keeps {len(whole)} of the {len(groups)} prunable groups "
                 f"whole (largest group: {max(g.atoms for g in groups)} atoms)") if whole else ""
-        zero = sorted({g.kind for g in groups if weights[g.id] == 0})
+        zero = sorted({g.kind for g in groups if (kind_weights or {}).get(g.kind, 1.0) == 0})
         note += f"; kind_weights spare {zero}" if zero else ""
+        note += (f"; depth_schedule={depth_schedule!r} keeps the first group of each kind "
+                 "whole and cuts the others at rates rising with depth"
+                 if depth_schedule != "flat" else "")
         advice = "Lower the sparsity or min_keep, or unfreeze modules."
         if spared:
             advice = (f"uniform_widths=True cuts only what the model's config can express "

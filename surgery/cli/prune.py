@@ -8,6 +8,7 @@ from typing import Annotated, Any, Optional
 
 import typer
 
+from surgery.budget.allocate import DEPTH_SCHEDULES
 from surgery.budget.latency_spec import BACKENDS
 from surgery.cli._common import (
     DATA_HELP,
@@ -55,6 +56,7 @@ Backend = choice("Backend", BACKENDS)
 CriterionName = choice("CriterionName", criterion_names())
 Target = choice("Target", TARGETS)
 Allocation = choice("Allocation", ALLOCATIONS)
+DepthSchedule = choice("DepthSchedule", DEPTH_SCHEDULES)
 EstimatorName = choice("EstimatorName", estimator_names())
 
 
@@ -99,6 +101,10 @@ def prune(
         help="Per-kind cut rates, e.g. neuron=1,head=0.5,hidden=0.25; 'uniform' (every kind "
              "alike); or 'search' to choose them on the calibration data (default: the "
              "plugin's, e.g. neuron=1,head=0.5,hidden=0.1 for transformers).")] = None,
+    depth_schedule: Annotated[DepthSchedule, typer.Option(
+        help="flat: every layer at the shared rate; log: the rate rises with depth as "
+             "ln(i+1), the first layer of each kind whole (SlimGPT's schedule; for deep "
+             "models such as LLMs).")] = "flat",
     estimator: Annotated[EstimatorName, typer.Option(
         help="MI estimator of mi/mi_topk.")] = "gaussian",
     target_noise: Annotated[float, typer.Option(
@@ -162,8 +168,8 @@ def prune(
 
     command = command_line(ctx)
     check_out(Path(out).absolute(), overwrite)
-    budget, criterion, target, allocation, estimator = (  # plain strings, not enum members
-        str(v) for v in (budget, criterion, target, allocation, estimator))
+    budget, criterion, target, allocation, estimator, depth_schedule = (  # plain strings
+        str(v) for v in (budget, criterion, target, allocation, estimator, depth_schedule))
     dev = pick_device(device, threads)
     options = PruneOptions(
         **latency_settings(budget, target_speedup, target_ms, backend, latency_batch, dev,
@@ -172,7 +178,8 @@ def prune(
         allocation=allocation, budget_scope=tuple(budget_scope.split(",")) if budget_scope else (),
         kinds=frozenset(k.strip() for k in kinds.split(",")) if kinds else None,
         exclude=tuple(exclude or ()),
-        kind_weights=parse_kind_weights(kind_weights), estimator=estimator,
+        kind_weights=parse_kind_weights(kind_weights), depth_schedule=depth_schedule,
+        estimator=estimator,
         target_noise=target_noise, round_to=parse_round_to(round_to),
         min_keep=min_keep, seed=seed, recalibrate=recalibrate, compensate=compensate,
         sequential=sequential, uniform_widths=uniform_widths)
@@ -202,6 +209,7 @@ def prune(
         "budget scope": budget_scope or "all parameters",
         "kinds": kinds or "every kind", "excluded": list(exclude or []) or "nothing",
         "kind weights": plan.budget.get("kind_weights") or "all kinds alike",
+        "depth schedule": depth_schedule,
         "estimator": estimator, "target noise": target_noise,
         "round_to": plan.budget.get("round_to", round_to),
         "min_keep": min_keep,

@@ -14,8 +14,9 @@ running mean takes the shift; otherwise (a decoder's ``o_proj`` and ``down_proj`
 the regression through the origin, ``A = E[x_R x_K^T] E[x_K x_K^T]^-1`` from the uncentred
 second moments, or every such layer would leave the removed channels' mean contribution out
 of the residual stream (SmolLM2-135M with half its decoder layers' parameters removed:
-perplexity 197 with the centred fit, 72 with this one). The covariances are the ones calibration already collected for MI (each relation is one reader's
-input), so compensation costs one small solve per reader.
+perplexity 197 with the centred fit, 72 with this one). The moments are the ones calibration
+already collected for MI (each relation is one reader's input), so compensation costs one
+small solve per reader.
 
 It changes the weights of kept positions, so it runs on the model copy before slicing and the
 plan records that it was applied (``plan.extra["compensated"]``).

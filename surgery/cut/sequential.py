@@ -36,9 +36,14 @@ import numpy as np
 import torch
 import torch.fx as fx
 
-from surgery.cut.compensation import (apply_refits, reader_weight, refits, transposed_linear,
-                                      weighted_reader)
 from surgery._core.batches import as_args, split_batch, to_device
+from surgery.cut.compensation import (
+    apply_refits,
+    reader_weight,
+    refits,
+    transposed_linear,
+    weighted_reader,
+)
 from surgery.graph.groups import ChannelGroup, Coupling
 from surgery.stats import distributed as dist_calib
 from surgery.stats._probes import align, columns, features_of, pool
