@@ -47,8 +47,9 @@ def demo(
     resnet18: trains a ResNet-18 on Fashion-MNIST once (cached), compares the criteria at 50%
     and 75% of MACs removed, then prunes it with --criterion into --out.
     smollm2: converts SmolLM2-135M-Instruct from its GGUF once (cached), then prunes 20% of
-    its decoder layers' parameters (KV groups and FFN channels) calibrated on the first 80%
-    of the 2012 convention speeches, perplexity measured on the rest."""
+    its decoder layers' parameters (KV groups and FFN channels, sequential compensation, the
+    log depth schedule) calibrated on the first 80% of the 2012 convention speeches,
+    perplexity measured on the rest."""
     folder = out or Path(f"surgery-demo-{task}")
     replace = overwrite or out is None
     if task == "resnet18":
@@ -68,14 +69,16 @@ def demo(
 def _demo_smollm2(sparsity: float, criterion: str, out: Path, replace: bool) -> None:
     """SmolLM2-135M-Instruct: ``surgery prune`` on its Hugging Face folder with the speeches
     as a plain text file (calibration: 32 windows of 256 tokens from the first 80%;
-    perplexity: 32 windows from the rest)."""
+    perplexity: 32 windows from the rest), with the settings for deep models: sequential
+    compensation and the log depth schedule."""
     from surgery.demo.smollm2 import smollm2_folder, speeches_file
 
     model = smollm2_folder(log=console.print)
     _prune(str(model), out, replace, sparsity, criterion,
            ["--budget", "params", "--budget-scope", "model.layers", "--kinds", "head,neuron",
-            "--data", str(speeches_file()), "--seq-len", "256", "--batch-size", "4",
-            "--latency-batch", "1"], calib_samples=32, eval_samples=32)
+            "--sequential", "--depth-schedule", "log", "--data", str(speeches_file()),
+            "--seq-len", "256", "--batch-size", "4", "--latency-batch", "1"],
+           calib_samples=32, eval_samples=32)
 
 
 def _prune(model: str, out: Path, replace: bool, sparsity: float, criterion: str,

@@ -117,7 +117,6 @@ def refits(model: torch.nn.Module, coupling: Coupling, calibration: Calibration,
             mean = sums.mean()[:sums.dx]
         else:  # no bias to take an intercept: the least-squares fit through the origin
             cov = sums.gram()[:sums.dx, :sums.dx] / max(sums.n, 1)
-            mean = None
         k_cols = torch.as_tensor(np.nonzero(keep_mask)[0], device=cov.device)
         r_cols = torch.as_tensor(np.nonzero(~keep_mask)[0], device=cov.device)
         s_kk = cov.index_select(0, k_cols).index_select(1, k_cols)
@@ -130,7 +129,7 @@ def refits(model: torch.nn.Module, coupling: Coupling, calibration: Calibration,
         w_r = w.index_select(1, r_pos).double()  # (out, R, *kernel)
         delta = torch.einsum("or...,rk->ok...", w_r, a.to(w.device)).to(w.dtype)
         shift = None
-        if mean is not None:
+        if module.bias is not None:  # else a following BatchNorm's re-estimated mean absorbs it
             c = mean[r_cols] - a @ mean[k_cols]
             shift = torch.einsum("or...,r->o", w_r, c.to(w.device)).to(w.dtype)
         out.append(Refit(rel.group, name, feats.positions[keep_mask], delta, shift))
