@@ -11,6 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from surgery.cli import app
+from surgery.cut.plan import PruningPlan
 
 WORDS = "the a of to and in is was for on that with as by at it from this be are".split()
 
@@ -55,7 +56,7 @@ def test_prune_eval_bench_a_causal_lm(llama_folder: Path, text_file: Path,
     res = invoke("prune", str(llama_folder), "--data", str(text_file), "--seq-len", "16",
                  "--sparsity", "0.3", "--budget", "params", "--budget-scope", "model.layers",
                  "--calib-samples", "16", "--eval-samples", "8", "--latency-batch", "1",
-                 "--out", str(out))
+                 "--sequential", "--depth-schedule", "log", "--out", str(out))
     assert res.exit_code == 0, res.output
     flat = " ".join(res.output.split())
     assert "perplexity (" in flat and "prefill latency, batch 1" in flat
@@ -63,8 +64,12 @@ def test_prune_eval_bench_a_causal_lm(llama_folder: Path, text_file: Path,
     assert "accuracy" not in flat
     report = (out / "report.md").read_text()
     assert "perplexity (" in report
-    plan = json.loads((out / "plan.json").read_text())
-    assert {g["kind"] for g in plan["groups"]} >= {"head", "neuron"}
+    assert "bottom-up on the cut model's own activations" in " ".join(report.split())
+    plan = PruningPlan.load(out / "plan.json")
+    assert {g.kind for g in plan.groups} >= {"head", "neuron"}
+    assert plan.budget["depth_schedule"] == "log"
+    kept = {g.name: len(g.kept) for g in plan.groups if g.kind == "neuron"}
+    assert [kept[n] for n in sorted(kept)] == [64, min(kept.values())] != [64, 64], kept
 
     res = invoke("eval", str(out), "--data", str(text_file), "--eval-samples", "4",
                  "--latency-batch", "0", "--json", str(tmp_path / "eval.json"))
