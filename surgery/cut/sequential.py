@@ -16,7 +16,10 @@ through the graph node by node up to the reader, holding only the values still t
 (for a decoder, the residual stream and the attention masks), so the cost is about one more
 calibration pass (a reader inside a leaf module, such as an attention's output projection,
 runs its leaf twice: once observed, once refitted), and the memory is the live activations
-of every calibration batch at one point of the graph.
+of every calibration batch at one point of the graph. A BatchNorm the cut reaches is
+re-estimated on the way, from every batch's input to it, as the BatchNorm re-estimation after
+the cut will do: without it the layers above were fitted to stale statistics (ResNet-18 on
+Fashion-MNIST at 75% of MACs: 0.697 against 0.776 with dense statistics).
 
 Zeroing the readers' columns is the cut only where every reader of the group is a conv or
 linear layer and nothing normalises across the group: heads, FFN neurons, a CNN's channels.
@@ -34,6 +37,7 @@ from typing import Any, Iterable
 
 import numpy as np
 import torch
+import torch.distributed as dist
 import torch.fx as fx
 
 from surgery._core.batches import as_args, split_batch, to_device
@@ -95,6 +99,7 @@ def sequential_refits(model: torch.nn.Module, coupling: Coupling, calib_data: It
         stats = walk.observe(layer, relations, grid)
         found = refits(model, on_copy, stats, {g: kept[g] for g in ids})
         done += apply_refits(model, found)
+        walk.cut(layer)
         for i in relations:
             removed = np.setdiff1d(np.arange(coupling.groups[coupling.relations[i].group].atoms),
                                    kept[coupling.relations[i].group])
@@ -136,6 +141,7 @@ class _Walk:
             self.masks.append(inputs.get("attention_mask") if isinstance(inputs, dict)
                               else None)
         self.done = len(placeholders)
+        self.changed: set[fx.Node] = set()
 
     def observe(self, layer: str, relations: list[int], grid: int) -> Calibration:
         """Run every batch up to node ``layer`` and collect the input statistics of the
@@ -174,15 +180,51 @@ class _Walk:
         return result
 
     def _advance(self, stop: int) -> None:
-        """Run the nodes before index ``stop`` for every batch, dropping dead values."""
+        """Run the nodes before index ``stop`` for every batch, dropping dead values. A
+        BatchNorm below a cut is re-estimated first on what reaches it now (as the cut model's
+        will be after the cut), so the layers above are fitted to the statistics they will
+        see."""
+        gm = self.coupling.capture.graph_module
         with torch.no_grad():
-            for env in self.envs:
-                for node in self.nodes[self.done:stop]:
+            for node in self.nodes[self.done:stop]:
+                if any(arg in self.changed for arg in node.all_input_nodes):
+                    self.changed.add(node)
+                    if node.op == "call_module":
+                        module = gm.get_submodule(node.target)
+                        if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
+                            self._reestimate(module, node.all_input_nodes[0])
+                for env in self.envs:
                     env[node] = self._run(node, env)
                     for arg in node.all_input_nodes:
                         if self.last_use[arg] <= self.index[node]:
                             env.pop(arg, None)
         self.done = max(self.done, stop)
+
+    def cut(self, layer: str) -> None:
+        """Mark node ``layer`` as reading a cut group: everything it feeds has changed."""
+        self.changed.add(self._node(layer))
+
+    def _reestimate(self, norm: torch.nn.modules.batchnorm._BatchNorm, source: fx.Node
+                    ) -> None:
+        if not norm.track_running_stats or norm.running_mean is None:
+            return
+        total = torch.zeros_like(norm.running_mean, dtype=torch.float64)
+        square = torch.zeros_like(total)
+        n = 0
+        for env in self.envs:
+            x = env[source].detach().double().transpose(0, 1).reshape(total.shape[0], -1)
+            total += x.sum(1)
+            square += x.pow(2).sum(1)
+            n += x.shape[1]
+        if self.distributed:
+            counts = torch.tensor([float(n)], dtype=torch.float64, device=total.device)
+            for t in (total, square, counts):
+                dist.all_reduce(t)
+            n = int(counts.item())
+        mean = total / max(n, 1)
+        var = (square / max(n, 1) - mean.pow(2)) * n / max(n - 1, 1)
+        norm.running_mean.copy_(mean.to(norm.running_mean.dtype))
+        norm.running_var.copy_(var.clamp_min(0).to(norm.running_var.dtype))
 
     def _run(self, node: fx.Node, env: dict[fx.Node, Any]) -> Any:
         self.interpreter.env = env

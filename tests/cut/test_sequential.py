@@ -99,3 +99,27 @@ def test_only_groups_a_column_cut_removes_are_walked() -> None:
 def test_sequential_needs_compensation() -> None:
     with pytest.raises(OptionsError, match="compensate=True"):
         surgery.PruneOptions(sequential=True, compensate=False)
+
+
+def test_a_batchnorm_below_a_cut_is_reestimated_on_the_way() -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(
+        torch.nn.Conv2d(3, 16, 3, padding=1, bias=False), torch.nn.BatchNorm2d(16),
+        torch.nn.ReLU(), torch.nn.Conv2d(16, 16, 3, padding=1, bias=False),
+        torch.nn.BatchNorm2d(16), torch.nn.ReLU(), torch.nn.AdaptiveAvgPool2d(1),
+        torch.nn.Flatten(), torch.nn.Linear(16, 4)).eval()
+    batches = [torch.randn(8, 3, 8, 8) for _ in range(3)]
+    coupling = surgery.couple(model, batches[0])
+    kept = _kept(coupling)
+    walked = copy.deepcopy(model)
+    sequential_refits(walked, coupling, batches, kept, coupling.prunable)
+    seen = []
+    handle = walked[4].register_forward_pre_hook(lambda m, inp: seen.append(inp[0]))
+    with torch.no_grad():
+        for b in batches:
+            walked(b)
+    handle.remove()
+    reaching = torch.cat(seen).transpose(0, 1).reshape(16, -1)
+    torch.testing.assert_close(walked[4].running_mean, reaching.mean(1))
+    torch.testing.assert_close(walked[4].running_var, reaching.var(1))
+    assert torch.equal(walked[1].running_mean, model[1].running_mean)  # nothing cut below it
