@@ -210,7 +210,8 @@ def prune_to_latency(model: torch.nn.Module, example_inputs: Any,
         decision = _decide(model, example_inputs, calib_data, opts, setup, target, progress,
                            calibration=calibration, statistics=opts.compensate)
         calibration = decision.ctx.calibration
-        pruned = api._realise(model, decision, example_inputs, compensate=opts.compensate)
+        pruned = api._realise(model, decision, example_inputs, compensate=opts.compensate,
+                              walk=api._walk(opts, calib_data))
         per = _options_for(opts, setup, target)
         api._recover(pruned, decision, calib_data, per, example_inputs)
         if not latency:
@@ -243,7 +244,7 @@ def prune_to_latency(model: torch.nn.Module, example_inputs: Any,
         plan.budget["round_to"] = setup.round_to
     if inplace:  # the dense model was needed for timing until now: cut it the same way
         pruned = api._realise(model, decision, example_inputs, compensate=opts.compensate,
-                              inplace=True)
+                              inplace=True, walk=api._walk(opts, calib_data))
         api._recover(pruned, decision, calib_data, _options_for(opts, setup, target),
                      example_inputs)
     return pruned, plan

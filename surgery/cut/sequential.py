@@ -48,6 +48,7 @@ from surgery.cut.compensation import (
     transposed_linear,
     weighted_reader,
 )
+from surgery.errors import SurgeryError
 from surgery.graph.groups import ChannelGroup, Coupling
 from surgery.stats import distributed as dist_calib
 from surgery.stats._probes import align, columns, features_of, pool
@@ -169,15 +170,24 @@ class _Walk:
                     for handle in handles:
                         handle.remove()
                 for i in relations:
-                    probe = relations_of[i].probe
-                    pooled = (seen[i] if i in seen
-                              else pool(env[self._node(probe.node)], probe.axis, grid))
+                    pooled = seen[i] if i in seen else self._pooled(i, env, grid)
                     x = columns(pooled, result.x_features[i])
                     result.sums[i].add(align(x, x, mask)[0])
         result.batches = len(self.envs)
         if self.distributed:
             dist_calib.all_reduce_sums(result.sums, result.batches, 0)
         return result
+
+    def _pooled(self, relation: int, env: dict[fx.Node, Any], grid: int) -> torch.Tensor:
+        """A relation's probed input, from the batch's live values."""
+        rel = self.coupling.relations[relation]
+        node = self._node(rel.probe.node)
+        if node not in env:
+            raise SurgeryError(
+                f"sequential compensation cannot observe the input of {rel.layer} (node "
+                f"{rel.probe.node} is not live where it runs); prune with sequential=False "
+                "and report the model, please.")
+        return pool(env[node], rel.probe.axis, grid)
 
     def _advance(self, stop: int) -> None:
         """Run the nodes before index ``stop`` for every batch, dropping dead values. A
@@ -194,7 +204,9 @@ class _Walk:
                         if isinstance(module, torch.nn.modules.batchnorm._BatchNorm):
                             self._reestimate(module, node.all_input_nodes[0])
                 for env in self.envs:
-                    env[node] = self._run(node, env)
+                    value = self._run(node, env)
+                    if node.users:  # else nothing reads it: not kept
+                        env[node] = value
                     for arg in node.all_input_nodes:
                         if self.last_use[arg] <= self.index[node]:
                             env.pop(arg, None)

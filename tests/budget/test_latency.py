@@ -192,6 +192,13 @@ def test_latency_plan_records_the_model_for_the_report(bert):
     assert len(summary["total_ms"]) == len(summary["grid"])
 
 
+def test_a_latency_budget_walks_sequentially_when_asked(bert):
+    model, x = bert
+    _, plan = surgery.prune(model, x, [x], budget="latency", target_speedup=1.5,
+                            sequential=True, latency=_spec(FakeTimer()))
+    assert plan.extra["sequential_compensation"]["groups"] > 0
+
+
 @pytest.mark.parametrize("settings, error, message", [
     (dict(budget="latency", target_speedup=0.5), BudgetError, "below 1"),
     (dict(budget="latency"), BudgetError, "needs target_speedup"),
