@@ -210,7 +210,8 @@ def plot(results: list[dict[str, Any]], dense: dict[str, Any]) -> str:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(10, 5.2))
-    for label in dict.fromkeys(r["label"] for r in results):
+    colours = plt.get_cmap("tab20").colors  # more methods than the default cycle's 10
+    for n, label in enumerate(dict.fromkeys(r["label"] for r in results)):
         rs = sorted((r for r in results if r["label"] == label), key=lambda r: r["share"])
         shown = [r for r in rs if r["ppl"] <= OFF_SCALE]
         off = [f"{r['share']:.0%}: {r['ppl']:,.0f}" for r in rs if r["ppl"] > OFF_SCALE]
@@ -218,6 +219,7 @@ def plot(results: list[dict[str, Any]], dense: dict[str, Any]) -> str:
         ax.errorbar([0] + [r["share"] for r in shown], [dense["ppl"]] + [r["ppl"] for r in shown],
                     yerr=[dense["ppl_se"]] + [r["ppl_se"] for r in shown], marker="o",
                     capsize=3, label=name, linestyle="--" if rs[0]["masked"] else "-",
+                    color=colours[(2 * n) % 20 + (2 * n) // 20 % 2],
                     linewidth=2.5 if rs[0]["ours"] else 1.2)
     ax.axhline(dense["ppl"], color="grey", linewidth=0.8, linestyle=":")
     ax.set_yscale("log")
@@ -258,23 +260,24 @@ def report(store: dict[str, Any], command: str) -> None:
 
 
 def standing(results: list[dict[str, Any]]) -> str:
-    """Per share, ``mi`` against the best structured method that is not ours (masks are a
-    reference, not a competitor): the ratio of perplexities and their standard errors."""
+    """Per share, ``mi`` (defaults) and ``mi_deep`` (the settings for deep models) against the
+    best structured method that is not ours (masks are a reference, not a competitor): the
+    ratio of perplexities and their standard errors."""
     lines = []
     for share in sorted({r["share"] for r in results}):
         at = [r for r in results if r["share"] == share and not r["masked"]]
-        mi = next((r for r in at if r["method"] == "mi"), None)
+        ours = {r["method"]: r for r in at if r["method"] in ("mi", "mi_deep")}
         others = [r for r in at if not r["ours"]]
-        if mi is None or not others:
+        if not ours or not others:
             continue
         best = min(others, key=lambda r: r["ppl"])
-        ours = min((r for r in at if r["ours"]), key=lambda r: r["ppl"])
         lines.append(
-            f"- {share:.0%}: `mi` {mi['ppl']:.2f} ± {mi['ppl_se']:.2f}, best of ours "
-            f"({ours['label']}) {ours['ppl']:.2f}, best other: {best['label']} "
-            f"{best['ppl']:.2f} ± {best['ppl_se']:.2f}; `mi` / best other = "
-            f"{mi['ppl'] / best['ppl']:.2f}x.")
-    return "Standing (lower perplexity is better):\n\n" + "\n".join(lines) if lines else ""
+            f"- {share:.0%}: " + ", ".join(
+                f"`{name}` {r['ppl']:.2f} ± {r['ppl_se']:.2f} ({r['ppl'] / best['ppl']:.2f}x)"
+                for name, r in ours.items())
+            + f"; best other: {best['label']} {best['ppl']:.2f} ± {best['ppl_se']:.2f}.")
+    return ("Standing (lower perplexity is better; in brackets: ours / best other):\n\n"
+            + "\n".join(lines) if lines else "")
 
 
 METHOD_NOTES = """What each method does (benchmarks/llm_baselines.py has the details):
