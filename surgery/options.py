@@ -77,9 +77,9 @@ class PruneOptions:
     - ``compensate``: refit every conv/linear that reads a cut group by least squares from
       its kept inputs (uses the calibration statistics; skipped without them).
     - ``sequential``: with ``compensate``, refit the readers bottom-up, each on the
-      activations of the model as cut below it rather than the dense model's (one more
-      calibration pass per cut group; hidden dims keep the dense refit; see
-      :mod:`surgery.cut.sequential`).
+      activations of the model as cut below it rather than the dense model's (about one
+      more calibration pass, holding every calibration batch's live activations at one
+      point; hidden dims keep the dense refit; see :mod:`surgery.cut.sequential`).
     - ``recalibrate``: re-estimate BatchNorm running statistics on the calibration data after
       the cut (no labels, one pass; skipped when there is no BatchNorm or no data).
     - ``uniform_widths``: every layer keeps the same width per kind (every group of a kind

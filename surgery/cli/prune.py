@@ -136,8 +136,7 @@ def prune(
     sequential: Annotated[bool, typer.Option(
         "--sequential",
         help="Refit bottom-up, each layer on the activations of the model as cut below it "
-             "(one more calibration pass per cut group; best for deep models such as "
-             "LLMs).")] = False,
+             "(about one more calibration pass; best for deep models such as LLMs).")] = False,
     uniform_widths: Annotated[bool, typer.Option(
         "--uniform-widths",
         help="Keep one width per kind in every layer and cut only what the model's config can "
