@@ -349,7 +349,7 @@ def main() -> None:
             "pruning s": f"{time.perf_counter() - start:.1f}",
         })
         print(rows[-1], flush=True)
-    plot = _plot(task, rows, dense_acc)
+    plot = _plot(task, rows, dense_acc, args.recovery_steps)
     body = (
         f"{task.title}; dense accuracy {dense_acc:.3f}, {dense_params:,} parameters in scope, "
         f"dense latency {dense_lat * 1e3:.1f} ms (batch 32). Recovery: {args.recovery_steps} "
@@ -370,14 +370,22 @@ def main() -> None:
     write_result(f"mi_vs_baselines_{task.name}", f"MI vs baselines: {task.title}", body)
 
 
-def _plot(task: Task, rows: list[dict], dense_acc: float) -> Path:
+def _plot(task: Task, rows: list[dict], dense_acc: float, recovery_steps: int) -> Path:
+    """Accuracy vs share, with no retraining and after recovery side by side; one panel when
+    there was no recovery (the two columns agree; movement pruning's rows, trained on their
+    own, are drawn in it)."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4), sharey=True)
-    for ax, column in zip(axes, ("no retraining", "after recovery")):
+    columns = (("no retraining", "after recovery") if recovery_steps else ("after recovery",))
+    titles = {"no retraining": "no retraining", "after recovery": (
+        f"after {recovery_steps} recovery steps" if recovery_steps
+        else "no retraining (movement pruning: after its own training)")}
+    fig, axes = plt.subplots(1, len(columns), figsize=(5.5 * len(columns) + 3, 4),
+                             sharey=True, squeeze=False)
+    for ax, column in zip(axes[0], columns):
         for method in dict.fromkeys(r["method"] for r in rows):
             pts = [(r["target"], float(r[column])) for r in rows
                    if r["method"] == method and r[column] != "-"]
@@ -385,10 +393,10 @@ def _plot(task: Task, rows: list[dict], dense_acc: float) -> Path:
                 ax.plot(*zip(*pts), marker="o", label=method,
                         linewidth=2.5 if method.startswith("ours: mi") else 1)
         ax.axhline(dense_acc, color="gray", linestyle=":", label="dense")
-        ax.set_title(column)
+        ax.set_title(titles[column])
         ax.set_xlabel("share of parameters removed")
-    axes[0].set_ylabel("accuracy")
-    axes[1].legend(fontsize=7, loc="lower left")
+    axes[0][0].set_ylabel("accuracy")
+    axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.suptitle(task.title)
     fig.tight_layout()
     DOCS.mkdir(parents=True, exist_ok=True)
