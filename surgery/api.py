@@ -52,7 +52,8 @@ class _Default:
 _DEFAULT: Any = _Default()
 
 Progress = Callable[[str, int], None]
-"""``progress(stage, i)``: item ``i`` of ``stage`` ("calibrate", "score", "search") is done."""
+"""``progress(stage, i)``: item ``i`` of ``stage`` ("calibrate", "score", "search",
+"compensate") is done."""
 
 
 def couple(model: torch.nn.Module, example_inputs: Any) -> Coupling:
@@ -92,7 +93,8 @@ def prune(model: torch.nn.Module, example_inputs: Any,
       compensation and BatchNorm re-estimation.
     - ``settings`` (``budget=``, ``criterion=``, ``kinds=`` ...) or ``options=``: the fields
       of :class:`surgery.PruneOptions`, which documents each; keywords override ``options``.
-    - ``progress``: called as ``progress(stage, i)`` while calibrating and scoring.
+    - ``progress``: called as ``progress(stage, i)`` while calibrating, scoring and (with
+      ``sequential``) refitting.
 
     Returns ``(pruned_model, plan)``. The input model is not modified unless ``inplace``.
     """
@@ -105,7 +107,8 @@ def prune(model: torch.nn.Module, example_inputs: Any,
     decision = _decide(model, example_inputs, calib_data, opts, progress,
                        statistics=opts.compensate)
     pruned = _realise(model, decision, example_inputs, compensate=opts.compensate,
-                      inplace=inplace, walk=_walk(opts, calib_data))
+                      inplace=inplace, walk=_walk(opts, calib_data),
+                      progress=_stage(progress, "compensate"))
     _recover(pruned, decision, calib_data, opts, example_inputs)
     return pruned, decision.plan
 
@@ -328,12 +331,13 @@ def _stage(progress: Progress | None, stage: str) -> Callable[[int], None] | Non
 
 def _realise(model: torch.nn.Module, decision: _Decision, example_inputs: Any, *,
              compensate: bool, inplace: bool = False,
-             walk: tuple[Iterable[Any], dict[str, Any]] | None = None) -> torch.nn.Module:
+             walk: tuple[Iterable[Any], dict[str, Any]] | None = None,
+             progress: Callable[[int], None] | None = None) -> torch.nn.Module:
     """Cut ``model`` (a copy unless ``inplace``) by the decision's plan, refitting the readers
     of cut groups first when ``compensate`` and calibration statistics are there. With
     ``walk`` (calibration data and the walk's options), the groups a column cut removes are
     refitted sequentially on the cut model's own activations (:mod:`surgery.cut.sequential`)
-    and the rest from the dense statistics."""
+    and the rest from the dense statistics (``progress(i)``: reader ``i`` refitted)."""
     target_model = model if inplace else copy.deepcopy(model)
     ctx = decision.ctx
     if not compensate or (ctx.refits is None and ctx.calibration is None):
@@ -350,7 +354,7 @@ def _realise(model: torch.nn.Module, decision: _Decision, example_inputs: Any, *
     if walked:
         data, options = walk
         done = sequential_refits(target_model, ctx.coupling, data, decision.kept, walked,
-                                 **options)
+                                 progress=progress, **options)
         decision.plan.extra["sequential_compensation"] = {"groups": len(walked)}
     decision.plan.extra["compensated"] = done + apply_refits(target_model, dense)
     return apply_plan(target_model, decision.plan, example_inputs, inplace=True)

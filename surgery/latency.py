@@ -211,7 +211,8 @@ def prune_to_latency(model: torch.nn.Module, example_inputs: Any,
                            calibration=calibration, statistics=opts.compensate)
         calibration = decision.ctx.calibration
         pruned = api._realise(model, decision, example_inputs, compensate=opts.compensate,
-                              walk=api._walk(opts, calib_data))
+                              walk=api._walk(opts, calib_data),
+                              progress=api._stage(progress, "compensate"))
         per = _options_for(opts, setup, target)
         api._recover(pruned, decision, calib_data, per, example_inputs)
         if not latency:

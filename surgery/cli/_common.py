@@ -103,7 +103,8 @@ class Stages:
     callback ``surgery.prune(progress=...)`` takes)."""
 
     LABELS = {"calibrate": "calibrating (batches)", "score": "scoring groups top-down",
-              "search": "trying per-kind cut rates (candidates)"}
+              "search": "trying per-kind cut rates (candidates)",
+              "compensate": "refitting bottom-up (layers)"}
 
     def __init__(self, progress: rp.Progress, totals: dict[str, int | None] | None = None) -> None:
         self.progress, self.totals, self.tasks = progress, dict(totals or {}), {}

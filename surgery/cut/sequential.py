@@ -33,7 +33,7 @@ from __future__ import annotations
 import dataclasses
 import inspect
 import operator
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import numpy as np
 import torch
@@ -80,12 +80,14 @@ def cut_by_columns(coupling: Coupling, group: ChannelGroup) -> bool:
 def sequential_refits(model: torch.nn.Module, coupling: Coupling, calib_data: Iterable[Any],
                       kept: dict[int, np.ndarray], groups: list[ChannelGroup], *,
                       max_batches: int | None = None, distributed: bool | None = None,
-                      grid: int = 4) -> list[str]:
+                      grid: int = 4, progress: Callable[[int], None] | None = None
+                      ) -> list[str]:
     """Refit the readers of ``groups`` (each :func:`cut_by_columns`) in ``model`` bottom-up,
     each on the inputs ``model`` gives it with the readers below already refitted and cut;
     ``model`` is the copy about to be sliced (same module names as the traced model), changed
     in place. Under ``torch.distributed`` each rank runs its share of the batches and the
-    statistics are all-reduced before every refit. Returns the names of the layers refitted."""
+    statistics are all-reduced before every refit; ``progress(i)`` after the ``i``-th reader.
+    Returns the names of the layers refitted."""
     on_copy = _on(model, coupling)
     ids = {g.id for g in groups}
     order = {node.name: i for i, node in enumerate(on_copy.capture.graph_module.graph.nodes)}
@@ -96,7 +98,7 @@ def sequential_refits(model: torch.nn.Module, coupling: Coupling, calib_data: It
     distributed = dist_calib.active() if distributed is None else distributed
     walk = _Walk(on_copy, calib_data, max_batches, distributed)
     done: list[str] = []
-    for layer, relations in steps.items():
+    for step, (layer, relations) in enumerate(steps.items()):
         stats = walk.observe(layer, relations, grid)
         found = refits(model, on_copy, stats, {g: kept[g] for g in ids})
         done += apply_refits(model, found)
@@ -105,6 +107,8 @@ def sequential_refits(model: torch.nn.Module, coupling: Coupling, calib_data: It
             removed = np.setdiff1d(np.arange(coupling.groups[coupling.relations[i].group].atoms),
                                    kept[coupling.relations[i].group])
             _zero_columns(model, on_copy, i, removed, stats.x_features[i])
+        if progress is not None:
+            progress(step)
     return done
 
 

@@ -69,8 +69,11 @@ def test_the_walk_leaves_the_traced_model_alone() -> None:
     model, batches = _mlp(), _batches()
     before = copy.deepcopy(model.state_dict())
     opts = surgery.PruneOptions(sparsity=0.5, sequential=True)
-    pruned, plan = surgery.prune(model, batches[0], batches, options=opts)
+    seen: list[tuple[str, int]] = []
+    pruned, plan = surgery.prune(model, batches[0], batches, options=opts,
+                                 progress=lambda stage, i: seen.append((stage, i)))
     assert plan.extra["sequential_compensation"] == {"groups": 2}
+    assert [i for stage, i in seen if stage == "compensate"] == [0, 1]
     assert set(plan.extra["compensated"]) == {"2", "4"}
     for name, value in model.state_dict().items():
         assert torch.equal(value, before[name]), name
