@@ -57,17 +57,26 @@ def width_classes(groups: list[ChannelGroup], steps: dict[int, int]) -> list[lis
 DEPTH_SCHEDULES = ("flat", "log")
 
 
-def depth_weights(groups: list[ChannelGroup], schedule: str) -> dict[int, float]:
+def depth_weights(coupling: Coupling, groups: list[ChannelGroup], schedule: str
+                  ) -> dict[int, float]:
     """Per-group multipliers of the removal rate by depth. ``flat``: 1 everywhere (the
     paper's setting). ``log``: the i-th of a kind's n groups, bottom-up, weighs
     ``ln(i + 1)`` scaled to mean 1, SlimGPT's Incremental Pruning Ratio: the error a cut
     makes low in a deep model is carried and amplified by every layer above it, so the first
-    layer of each kind is left whole and the rate rises logarithmically with depth."""
+    layer of each kind is left whole and the rate rises logarithmically with depth. Depth is
+    where a group is first read in the graph (a head group's writers sit inside its attention
+    module, so where it is written says nothing)."""
     if schedule == "flat":
         return {g.id: 1.0 for g in groups}
+    position = {n.name: i for i, n in enumerate(coupling.capture.graph_module.graph.nodes)}
+    first_read: dict[int, int] = {}
+    for rel in coupling.relations:
+        first_read[rel.group] = min(first_read.get(rel.group, len(position)),
+                                    position[rel.layer])
     out: dict[int, float] = {}
     for kind in {g.kind for g in groups}:
-        same = sorted((g for g in groups if g.kind == kind), key=lambda g: (g.order, g.id))
+        same = sorted((g for g in groups if g.kind == kind),
+                      key=lambda g: (first_read.get(g.id, g.order), g.id))
         shape = [math.log(i + 1) for i in range(len(same))]
         mean = sum(shape) / len(shape)
         out.update({g.id: (s / mean if mean > 0 else 1.0) for g, s in zip(same, shape)})
@@ -97,7 +106,7 @@ def uniform_counts(cost: CostModel, sparsity: float, kind: str, *, round_to: int
     weights = {g.id: float((kind_weights or {}).get(g.kind, 1.0)) for g in groups}
     if any(w < 0 or not np.isfinite(w) for w in weights.values()):
         raise BudgetError(f"kind_weights must be finite and >= 0, got {kind_weights!r}.")
-    depth = depth_weights(groups, depth_schedule)
+    depth = depth_weights(cost.coupling, groups, depth_schedule)
     weights = {g: w * depth[g] for g, w in weights.items()}
     if not any(w > 0 for w in weights.values()):
         raise BudgetError(f"kind_weights {kind_weights!r} give every prunable group weight 0, so "

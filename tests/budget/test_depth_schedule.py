@@ -22,10 +22,20 @@ def _deep_mlp(layers: int = 6, width: int = 32) -> torch.nn.Module:
 def test_log_weights_rise_with_depth_and_average_one() -> None:
     coupling = surgery.couple(_deep_mlp(), torch.randn(2, 8))
     groups = sorted(coupling.prunable, key=lambda g: g.order)
-    weights = [depth_weights(groups, "log")[g.id] for g in groups]
+    weights = [depth_weights(coupling, groups, "log")[g.id] for g in groups]
     assert weights[0] == 0 and weights == sorted(weights)
     assert sum(weights) / len(weights) == pytest.approx(1.0)
-    assert set(depth_weights(groups, "flat").values()) == {1.0}
+    assert set(depth_weights(coupling, groups, "flat").values()) == {1.0}
+
+
+def test_head_groups_are_ordered_by_where_they_are_read() -> None:
+    """A decoder's head groups are written inside their attention modules: depth comes from
+    the layer that reads them, so layer 0's heads come first whatever their ids."""
+    _, _, coupling = decoder_zoo.coupled("llama")
+    heads = [g for g in coupling.prunable if g.kind == "head"]
+    weights = depth_weights(coupling, list(reversed(heads)), "log")
+    first = next(g for g in heads if g.name.startswith("model.layers.0."))
+    assert weights[first.id] == 0 and max(weights.values()) > 0
 
 
 def test_log_schedule_keeps_the_budget_and_cuts_deeper_layers_more() -> None:
