@@ -56,7 +56,7 @@ def weighted_reader(gm: fx.GraphModule, rel: Relation
     if rel.reader is not None:
         name = rel.reader
     else:
-        node = next(n for n in gm.graph.nodes if n.name == rel.layer)
+        node = _layer_node(gm, rel)
         if node.op != "call_module":
             return None, None
         name = node.target
@@ -73,10 +73,13 @@ def _batchnorm_follows(gm: fx.GraphModule, rel: Relation) -> bool:
     absorbs a shift of its input)."""
     if rel.reader is not None:
         return False
-    node = next(n for n in gm.graph.nodes if n.name == rel.layer)
     return any(u.op == "call_module" and isinstance(gm.get_submodule(u.target),
                                                     torch.nn.modules.batchnorm._BatchNorm)
-               for u in node.users)
+               for u in _layer_node(gm, rel).users)
+
+
+def _layer_node(gm: fx.GraphModule, rel: Relation) -> fx.Node:
+    return next(n for n in gm.graph.nodes if n.name == rel.layer)
 
 
 @dataclass

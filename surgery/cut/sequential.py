@@ -90,13 +90,13 @@ def sequential_refits(model: torch.nn.Module, coupling: Coupling, calib_data: It
     Returns the names of the layers refitted."""
     on_copy = _on(model, coupling)
     ids = {g.id for g in groups}
-    order = {node.name: i for i, node in enumerate(on_copy.capture.graph_module.graph.nodes)}
-    steps: dict[str, list[int]] = {}
-    for i, rel in sorted(enumerate(coupling.relations), key=lambda r: order[r[1].layer]):
-        if rel.group in ids:
-            steps.setdefault(rel.layer, []).append(i)
     distributed = dist_calib.active() if distributed is None else distributed
     walk = _Walk(on_copy, calib_data, max_batches, distributed)
+    steps: dict[str, list[int]] = {}
+    for i, rel in sorted(enumerate(coupling.relations),
+                         key=lambda r: walk.index[walk.node[r[1].layer]]):
+        if rel.group in ids:
+            steps.setdefault(rel.layer, []).append(i)
     done: list[str] = []
     for step, (layer, relations) in enumerate(steps.items()):
         stats = walk.observe(layer, relations, grid)
@@ -122,21 +122,17 @@ class _Walk:
         gm = coupling.capture.graph_module
         self.nodes = list(gm.graph.nodes)
         self.index = {node: i for i, node in enumerate(self.nodes)}
+        self.node = {node.name: node for node in self.nodes}
         self.last_use = {node: max((self.index[u] for u in node.users), default=-1)
                          for node in self.nodes}
         self.interpreter = fx.Interpreter(gm)
         self.device = next((p.device for p in gm.parameters()), torch.device("cpu"))
         self.distributed = distributed
-        rank, world = ((dist_calib.rank(), dist_calib.world_size()) if distributed else (0, 1))
         signature = inspect.signature(gm.forward)
         self.envs: list[dict[fx.Node, Any]] = []
         self.masks: list[torch.Tensor | None] = []
         placeholders = [n for n in self.nodes if n.op == "placeholder"]
-        for b, batch in enumerate(calib_data):
-            if max_batches is not None and b >= max_batches:
-                break
-            if b % world != rank:
-                continue
+        for _, batch in dist_calib.shard(calib_data, max_batches, distributed):
             inputs, _ = split_batch(batch)
             inputs = to_device(inputs, self.device)
             args, kwargs = as_args(inputs)
@@ -152,7 +148,7 @@ class _Walk:
         """Run every batch up to node ``layer`` and collect the input statistics of the
         readers of ``relations`` there (running ``layer`` itself, outputs dropped, for a
         reader inside it); ``layer`` stays to be run with the refitted weights."""
-        target = next(n for n in self.nodes if n.name == layer)
+        target = self.node[layer]
         self._advance(self.index[target])
         relations_of = self.coupling.relations
         result = Calibration(self.coupling)
@@ -185,7 +181,7 @@ class _Walk:
     def _pooled(self, relation: int, env: dict[fx.Node, Any], grid: int) -> torch.Tensor:
         """A relation's probed input, from the batch's live values."""
         rel = self.coupling.relations[relation]
-        node = self._node(rel.probe.node)
+        node = self.node[rel.probe.node]
         if node not in env:
             raise SurgeryError(
                 f"sequential compensation cannot observe the input of {rel.layer} (node "
@@ -218,7 +214,7 @@ class _Walk:
 
     def cut(self, layer: str) -> None:
         """Mark node ``layer`` as reading a cut group: everything it feeds has changed."""
-        self.changed.add(self._node(layer))
+        self.changed.add(self.node[layer])
 
     def _reestimate(self, norm: torch.nn.modules.batchnorm._BatchNorm, source: fx.Node
                     ) -> None:
@@ -246,8 +242,6 @@ class _Walk:
         self.interpreter.env = env
         return self.interpreter.run_node(node)
 
-    def _node(self, name: str) -> fx.Node:
-        return next(n for n in self.nodes if n.name == name)
 
 
 def _keep(seen: dict[int, torch.Tensor], i: int, axis: int, grid: int):

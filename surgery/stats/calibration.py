@@ -103,11 +103,7 @@ def calibrate(
     with instrument(gm, needed, grid) as (instrumented, store), evaluating(instrumented), \
             torch.no_grad():
         fold = _Fold(result, linear, store, target, samples, seed, device, distributed)
-        for b, batch in enumerate(calib_data):
-            if max_batches is not None and b >= max_batches:
-                break
-            if b % world != rank:
-                continue
+        for b, batch in dist_calib.shard(calib_data, max_batches, distributed):
             inputs, labels = split_batch(batch)
             check_batch(b, inputs, coupling.capture)
             inputs = to_device(inputs, device)

@@ -14,6 +14,7 @@ in by rank ``b % world_size``.
 from __future__ import annotations
 
 import os
+from typing import Any, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
@@ -32,6 +33,18 @@ def rank() -> int:
 
 def world_size() -> int:
     return dist.get_world_size() if active() else 1
+
+
+def shard(calib_data: Iterable[Any], max_batches: int | None, distributed: bool
+          ) -> Iterator[tuple[int, Any]]:
+    """``(b, batch)`` for the batches this process folds in: among the first ``max_batches``,
+    batch ``b`` goes to rank ``b % world_size`` (every batch when not ``distributed``)."""
+    r, world = (rank(), world_size()) if distributed else (0, 1)
+    for b, batch in enumerate(calib_data):
+        if max_batches is not None and b >= max_batches:
+            break
+        if b % world == r:
+            yield b, batch
 
 
 def init_from_env(device: torch.device | str | None = None) -> bool:
