@@ -28,23 +28,25 @@ class TwoLinear(torch.nn.Module):
         return self.b(self.a(x))
 
 
-def _setup(model: torch.nn.Module, x: torch.Tensor, batches: list[torch.Tensor]):
-    coupling = surgery.couple(model, x)
+def _cut_channel_4(model: torch.nn.Module
+                   ) -> tuple[torch.nn.Module, torch.nn.Module, list[str]]:
+    """``model`` (one 5-channel hidden group) with hidden channel 4 cut: plainly, and with
+    compensation from four batches of standard-normal inputs; and the layers refitted."""
+    batches = [torch.randn(64, 6) for _ in range(4)]
+    coupling = surgery.couple(model, batches[0])
     (group,) = coupling.prunable
-    return coupling, group, calibrate(coupling, batches)
+    kept = {group.id: np.array([0, 1, 2, 3])}
+    plan = build_plan(coupling, kept, criterion="test", target="output", budget={})
+    fixed = copy.deepcopy(model)
+    refitted = compensate(fixed, coupling, calibrate(coupling, batches), kept, ridge=1e-9)
+    return apply_plan(model, plan), apply_plan(fixed, plan, inplace=True), refitted
 
 
 def test_a_linear_mix_is_reconstructed_exactly() -> None:
     torch.manual_seed(0)
     model = TwoLinear().eval()
-    batches = [torch.randn(64, 6) for _ in range(4)]
-    coupling, group, cal = _setup(model, batches[0], batches)
-    kept = {group.id: np.array([0, 1, 2, 3])}
-    plan = build_plan(coupling, kept, criterion="test", target="output", budget={})
-    plain = apply_plan(model, plan)
-    fixed = copy.deepcopy(model)
-    assert compensate(fixed, coupling, cal, kept, ridge=1e-9) == ["b"]
-    fixed = apply_plan(fixed, plan, inplace=True)
+    plain, fixed, refitted = _cut_channel_4(model)
+    assert refitted == ["b"]
     x = torch.randn(32, 6)
     with torch.no_grad():
         assert (plain(x) - model(x)).abs().max() > 1e-2  # the cut alone changes the output
@@ -87,13 +89,7 @@ class BiasFreeReader(torch.nn.Module):
 def test_a_bias_free_reader_keeps_the_removed_mean() -> None:
     torch.manual_seed(0)
     model = BiasFreeReader().eval()
-    batches = [torch.randn(64, 6) for _ in range(4)]
-    coupling, group, cal = _setup(model, batches[0], batches)
-    kept = {group.id: np.array([0, 1, 2, 3])}
-    plan = build_plan(coupling, kept, criterion="test", target="output", budget={})
-    fixed = copy.deepcopy(model)
-    compensate(fixed, coupling, cal, kept, ridge=1e-9)
-    fixed = apply_plan(fixed, plan, inplace=True)
+    _, fixed, _ = _cut_channel_4(model)
     x = torch.randn(32, 6)
     with torch.no_grad():  # a centred fit finds nothing to regress on and drops W_4 * 1
         assert (fixed(x) - model(x)).abs().max() < 1e-4
