@@ -27,6 +27,7 @@ from surgery.budget.widths import limit_to_config
 from surgery.counting import count_macs, count_params, node_macs
 from surgery.cut.apply import apply_plan
 from surgery.cut.compensation import apply_refits, refits
+from surgery.cut.norm_gain import apply_gains, norm_gains
 from surgery.cut.plan import PruningPlan, build_plan
 from surgery.cut.recovery import recalibrate_batchnorm, stale_batchnorms
 from surgery.cut.sequential import cut_by_columns, sequential_refits
@@ -107,8 +108,8 @@ def prune(model: torch.nn.Module, example_inputs: Any,
     decision = _decide(model, example_inputs, calib_data, opts, progress,
                        statistics=opts.compensate)
     pruned = _realise(model, decision, example_inputs, compensate=opts.compensate,
-                      inplace=inplace, walk=_walk(opts, calib_data),
-                      progress=_stage(progress, "compensate"))
+                      inplace=inplace, data=_data(opts, calib_data),
+                      sequential=opts.sequential, progress=_stage(progress, "compensate"))
     _recover(pruned, decision, calib_data, opts, example_inputs)
     return pruned, decision.plan
 
@@ -126,10 +127,11 @@ def _recover(pruned: torch.nn.Module, decision: "_Decision", calib_data: Iterabl
     plan.budget["macs"] = count_macs(pruned, example_inputs) // max(1, rows(example_inputs))
 
 
-def _walk(opts: PruneOptions, calib_data: Iterable[Any] | None
+def _data(opts: PruneOptions, calib_data: Iterable[Any] | None
           ) -> tuple[Iterable[Any], dict[str, Any]] | None:
-    """What sequential compensation calibrates with, when it is asked for."""
-    if not (opts.sequential and opts.compensate and calib_data is not None):
+    """What compensation beyond the calibration statistics (norm gains, the sequential
+    walk) runs on: the calibration data and how to shard it, when there is some."""
+    if not (opts.compensate and calib_data is not None):
         return None
     return calib_data, dict(max_batches=opts.max_batches, distributed=opts.distributed)
 
@@ -174,7 +176,8 @@ def _decide(model: torch.nn.Module, example_inputs: Any, calib_data: Iterable[An
     allot = cost if budget_model is None else budget_model
     # uniform_counts validates the weights before calibration spends any time
     counts = _counts(allot, opts, weights, limits)
-    ctx = ScoreContext(coupling, seed=opts.seed, data=calib_data)
+    ctx = ScoreContext(coupling, seed=opts.seed, data=calib_data, max_batches=opts.max_batches,
+                       distributed=opts.distributed)
     if opts.sparsity == 0:  # nothing to remove: no statistics, no scores, every atom kept
         kept = {g.id: np.arange(g.atoms) for g in coupling.prunable}
         plan = build_plan(coupling, kept, criterion=opts.criterion, target=opts.target,
@@ -331,19 +334,23 @@ def _stage(progress: Progress | None, stage: str) -> Callable[[int], None] | Non
 
 def _realise(model: torch.nn.Module, decision: _Decision, example_inputs: Any, *,
              compensate: bool, inplace: bool = False,
-             walk: tuple[Iterable[Any], dict[str, Any]] | None = None,
+             data: tuple[Iterable[Any], dict[str, Any]] | None = None, sequential: bool = False,
              progress: Callable[[int], None] | None = None) -> torch.nn.Module:
     """Cut ``model`` (a copy unless ``inplace``) by the decision's plan, refitting the readers
     of cut groups first when ``compensate`` and calibration statistics are there. With
-    ``walk`` (calibration data and the walk's options), the groups a column cut removes are
-    refitted sequentially on the cut model's own activations (:mod:`surgery.cut.sequential`)
-    and the rest from the dense statistics (``progress(i)``: reader ``i`` refitted)."""
+    ``data`` (calibration data and how to shard it), the norms across a cut hidden group get
+    their gains (:mod:`surgery.cut.norm_gain`), and with ``sequential`` too, the groups a
+    column cut removes are refitted on the cut model's own activations
+    (:mod:`surgery.cut.sequential`), the rest from the dense statistics (``progress(i)``:
+    reader ``i`` refitted)."""
     target_model = model if inplace else copy.deepcopy(model)
-    ctx = decision.ctx
+    ctx, plan = decision.ctx, decision.plan
     if not compensate or (ctx.refits is None and ctx.calibration is None):
-        return apply_plan(target_model, decision.plan, example_inputs, inplace=True)
+        return apply_plan(target_model, plan, example_inputs, inplace=True)
+    gains = norm_gains(target_model, plan.keep, data[0], **data[1]) if data else {}
     cut = [g for g in ctx.coupling.prunable if len(decision.kept[g.id]) < g.atoms]
-    walked = ([g for g in cut if cut_by_columns(ctx.coupling, g)] if walk is not None else [])
+    walked = ([g for g in cut if cut_by_columns(ctx.coupling, g)]
+              if data is not None and sequential else [])
     skip = {g.id for g in walked}
     if ctx.refits is not None:
         dense = [r for r in ctx.refits if r.group not in skip]
@@ -352,12 +359,15 @@ def _realise(model: torch.nn.Module, decision: _Decision, example_inputs: Any, *
                        {k: v for k, v in decision.kept.items() if k not in skip})
     done = []
     if walked:
-        data, options = walk
-        done = sequential_refits(target_model, ctx.coupling, data, decision.kept, walked,
-                                 progress=progress, **options)
-        decision.plan.extra["sequential_compensation"] = {"groups": len(walked)}
-    decision.plan.extra["compensated"] = done + apply_refits(target_model, dense)
-    return apply_plan(target_model, decision.plan, example_inputs, inplace=True)
+        done = sequential_refits(target_model, ctx.coupling, data[0], decision.kept, walked,
+                                 progress=progress, **data[1])
+        plan.extra["sequential_compensation"] = {"groups": len(walked)}
+    plan.extra["compensated"] = done + apply_refits(target_model, dense)
+    pruned = apply_plan(target_model, plan, example_inputs, inplace=True)
+    if gains:
+        apply_gains(pruned, gains)
+        plan.extra["norm_gains"] = {name: round(c, 6) for name, c in gains.items()}
+    return pruned
 
 
 def _search_kinds(model, example_inputs, calib_data, ctx: ScoreContext, choose, kinds, start,
@@ -375,7 +385,7 @@ def _search_kinds(model, example_inputs, calib_data, ctx: ScoreContext, choose, 
         found[tuple(sorted(w.items()))] = (kept, scores)
         plan = build_plan(ctx.coupling, kept, criterion="search", target="output", budget={})
         small = _realise(model, _Decision(plan, ctx, kept), example_inputs,
-                         compensate=compensate).eval()
+                         compensate=compensate, data=(evaluation, {})).eval()
         return output_gap(dense, outputs(small, evaluation))
 
     tried = itertools.count()

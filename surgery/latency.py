@@ -211,7 +211,7 @@ def prune_to_latency(model: torch.nn.Module, example_inputs: Any,
                            calibration=calibration, statistics=opts.compensate)
         calibration = decision.ctx.calibration
         pruned = api._realise(model, decision, example_inputs, compensate=opts.compensate,
-                              walk=api._walk(opts, calib_data),
+                              data=api._data(opts, calib_data), sequential=opts.sequential,
                               progress=api._stage(progress, "compensate"))
         per = _options_for(opts, setup, target)
         api._recover(pruned, decision, calib_data, per, example_inputs)
@@ -245,7 +245,8 @@ def prune_to_latency(model: torch.nn.Module, example_inputs: Any,
         plan.budget["round_to"] = setup.round_to
     if inplace:  # the dense model was needed for timing until now: cut it the same way
         pruned = api._realise(model, decision, example_inputs, compensate=opts.compensate,
-                              inplace=True, walk=api._walk(opts, calib_data))
+                              inplace=True, data=api._data(opts, calib_data),
+                              sequential=opts.sequential)
         api._recover(pruned, decision, calib_data, _options_for(opts, setup, target),
                      example_inputs)
     return pruned, plan

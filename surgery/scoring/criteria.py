@@ -26,6 +26,9 @@ class ScoreContext:
     seed: int = 0
     data: Any = None
     """The calibration batches themselves, for criteria that run the model (Taylor)."""
+    max_batches: int | None = None
+    distributed: bool = False
+    """How calibration read ``data``: criteria that run the model read it the same way."""
     cache: dict[str, Any] = field(default_factory=dict)
     """What a criterion computes once for all groups (Taylor's weight x gradient sums)."""
     refits: list[Any] | None = None

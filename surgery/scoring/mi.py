@@ -95,7 +95,37 @@ class MutualInformation(Criterion):
         solved = greedy_gaussian_many([(rels, k) for _, rels, k in joint],
                                       noise=self.target_noise)
         out.update({i: result for (i, _, _), result in zip(joint, solved)})
-        return [out[i] for i in range(len(groups))]
+        return [_keep_loud(group, ctx, k, *out[i])
+                for i, (group, k) in enumerate(zip(groups, ks))]
+
+
+def _keep_loud(group: ChannelGroup, ctx: ScoreContext, k: int, kept: np.ndarray,
+               scores: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Keep the atoms of a group that norms divide by (a residual stream) holding more than
+    the median share of the norms' energy, the loudest first if they are more than ``k``, and
+    fill the rest by score: mi chooses among the quieter half. A Gaussian model of the
+    readers' inputs cannot see the divisor (:mod:`surgery.stats.norm_energy`). On a timm ViT
+    with 30% of its hidden dims cut, mi went 0.638 -> 0.717 with this rule (0.695 keeping
+    only those above the mean share); SmolLM2's loudest dim, cut by mi, had taken perplexity
+    past 10^5."""
+    if k >= group.atoms or ctx.data is None:
+        return kept, scores
+    from surgery.stats.norm_energy import energy_shares, norms_across
+
+    model = ctx.coupling.capture.model
+    norms = norms_across(model, group.slices)
+    shares = energy_shares(model, norms, ctx.data, ctx.max_batches,
+                           ctx.distributed) if norms else None
+    if shares is None:
+        return kept, scores
+    positions = group.slices[(f"{norms[0]}.weight", 0)]
+    energy = np.array([shares[p].mean() if len(p) else 0.0 for p in positions])
+    loud = np.nonzero(energy > np.median(energy))[0]
+    loud = loud[np.argsort(-energy[loud], kind="stable")][:k]
+    if np.isin(loud, kept).all():
+        return kept, scores
+    rank = np.where(np.isin(np.arange(group.atoms), loud), np.inf, scores)
+    return np.sort(np.argsort(-rank, kind="stable")[:k]), scores
 
 
 @register("mi_topk")
