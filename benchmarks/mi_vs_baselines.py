@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import copy
+import math
 import sys
 import time
 from dataclasses import dataclass
@@ -56,6 +57,8 @@ class Task:
     several_kinds: bool = False  # heads, neurons, hidden dims: compare per-kind rates
     recovery_lr: float = 1e-4  # the fine-tune's own rate where the task has one
     output: Callable[[Any], torch.Tensor] = lambda out: out
+    test_size: int = 0
+    """Test examples every accuracy is measured on (its standard error is binomial)."""
     movement_train: list[Any] | None = None
     """Movement pruning's own training data, when the task's train split is bigger than the
     recovery's slice (Fashion-MNIST: the whole 60,000-image split but the calibration images)."""
@@ -99,7 +102,7 @@ def _fashion_task(name: str, title: str, make: Callable[[], torch.nn.Module],
         name=name, title=title, model=model,
         example=vx[:2], calib=[(cx[i:i + 64], cy[i:i + 64]) for i in range(0, 512, 64)],
         train=[(rx[i:i + 64], ry[i:i + 64]) for i in range(0, len(rx), 64)],
-        evaluate=lambda m: accuracy(m, tests)[0], latency_input=vx[:32],
+        evaluate=lambda m: accuracy(m, tests)[0], latency_input=vx[:32], test_size=len(vy),
         scope=lambda m: sum(p.numel() for p in m.parameters()),
         ignored=ignored,
         loss=lambda m, b: F.cross_entropy(m(b[0]), b[1]),
@@ -126,6 +129,7 @@ def minilm_task() -> Task:
         name="minilm", title="all-MiniLM-L6-v2 fine-tuned on Rotten Tomatoes", model=model,
         example={k: v[:2] for k, v in calib[0].items() if k != "labels"}, calib=calib,
         train=train, evaluate=lambda m: accuracy(m, test)[0],
+        test_size=sum(len(b["labels"]) for b in test),
         latency_input={k: v[:32] for k, v in test[0].items() if k != "labels"},
         scope=lambda m: sum(p.numel() for n, p in m.named_parameters() if n.startswith(scope)),
         ignored=lambda m: [m.classifier, m.bert.pooler],
@@ -352,7 +356,10 @@ def main() -> None:
     plot = _plot(task, rows, dense_acc, args.recovery_steps)
     body = (
         f"{task.title}; dense accuracy {dense_acc:.3f}, {dense_params:,} parameters in scope, "
-        f"dense latency {dense_lat * 1e3:.1f} ms (batch 32). Recovery: {args.recovery_steps} "
+        f"dense latency {dense_lat * 1e3:.1f} ms (batch 32). Accuracy on {task.test_size:,} test "
+        "examples, the same for every row: its standard error, sqrt(p (1 - p) / n), is "
+        f"{math.sqrt(dense_acc * (1 - dense_acc) / task.test_size):.3f} at the dense accuracy. "
+        "Recovery: {args.recovery_steps} "
         f"distillation steps (AdamW, lr {task.recovery_lr:g}, KL on logits at T=2), the same for "
         "every method. "
         f"Our methods: least-squares compensation and BatchNorm re-estimation on the "
@@ -382,7 +389,9 @@ def _plot(task: Task, rows: list[dict], dense_acc: float, recovery_steps: int) -
     columns = (("no retraining", "after recovery") if recovery_steps else ("after recovery",))
     titles = {"no retraining": "no retraining", "after recovery": (
         f"after {recovery_steps} recovery steps" if recovery_steps
-        else "no retraining (movement pruning: after its own training)")}
+        else "no retraining" + (" (movement pruning: after its own training)"
+                                if any(r["method"].startswith("movement") for r in rows)
+                                else ""))}
     fig, axes = plt.subplots(1, len(columns), figsize=(5.5 * len(columns) + 3, 4),
                              sharey=True, squeeze=False)
     for ax, column in zip(axes[0], columns):
