@@ -188,6 +188,10 @@ def write_report(folder: str | Path, *, plan: Any, model: str, command: str,
                if walked else "")
         intro += (f" {_count(plan.extra['compensated'])} layers reading a cut group refitted by "
                   f"least squares{how}.")
+    gains = plan.extra.get("norm_gains")
+    if gains:
+        intro += (f" {_count(list(gains))} norms across cut hidden dims rescaled by one gain "
+                  f"each ({min(gains.values()):.3f} to {max(gains.values()):.3f}).")
     fallbacks = plan.extra.get("fallbacks") or {}
     if fallbacks:
         intro += (f" {len(fallbacks)} group(s) could not be scored as asked: "

@@ -8,6 +8,7 @@ import numpy as np
 from surgery.graph.groups import OUTPUT, ChannelGroup
 from surgery.scoring.criteria import Criterion, Magnitude, ScoreContext, register
 from surgery.scoring.estimators import TARGET_NOISE, get_estimator
+from surgery.stats.norm_energy import energy_shares, norms_across
 
 
 @register("mi")
@@ -110,12 +111,13 @@ def _keep_loud(group: ChannelGroup, ctx: ScoreContext, k: int, kept: np.ndarray,
     past 10^5."""
     if k >= group.atoms or ctx.data is None:
         return kept, scores
-    from surgery.stats.norm_energy import energy_shares, norms_across
-
-    model = ctx.coupling.capture.model
-    norms = norms_across(model, group.slices)
-    shares = energy_shares(model, norms, ctx.data, ctx.max_batches,
-                           ctx.distributed) if norms else None
+    key = f"norm_energy:{group.id}"  # one pass per group, however often it is decided
+    if key not in ctx.cache:
+        model = ctx.coupling.capture.model
+        norms = norms_across(model, group.slices)
+        ctx.cache[key] = (norms, energy_shares(model, norms, ctx.data, ctx.max_batches,
+                                               ctx.distributed) if norms else None)
+    norms, shares = ctx.cache[key]
     if shares is None:
         return kept, scores
     positions = group.slices[(f"{norms[0]}.weight", 0)]

@@ -120,6 +120,16 @@ def test_fallbacks_are_in_the_report(tmp_path: Path) -> None:
     assert "1 group(s) could not be scored as asked: `blocks.0.attn.qkv`: mi -> magnitude" in md
 
 
+def test_norm_gains_are_in_the_report(tmp_path: Path) -> None:
+    plan = make_plan()
+    plan.extra["compensated"] = ["a", "b"]
+    plan.extra["norm_gains"] = {"blocks.0.norm1": 1.012, "norm": 1.071}
+    write_report(tmp_path, plan=plan, model="m", command="c", dense=Measurement(1, 1),
+                 pruned=Measurement(1, 1), settings={})
+    md = (tmp_path / "report.md").read_text()
+    assert "2 norms across cut hidden dims rescaled by one gain each (1.012 to 1.071)" in md
+
+
 def test_html_code_spans_are_escaped(tmp_path: Path) -> None:
     plan = make_plan()
     plan.criterion = "<b>&"
