@@ -359,7 +359,7 @@ def main() -> None:
         f"dense latency {dense_lat * 1e3:.1f} ms (batch 32). Accuracy on {task.test_size:,} test "
         "examples, the same for every row: its standard error, sqrt(p (1 - p) / n), is "
         f"{math.sqrt(dense_acc * (1 - dense_acc) / task.test_size):.3f} at the dense accuracy. "
-        "Recovery: {args.recovery_steps} "
+        f"Recovery: {args.recovery_steps} "
         f"distillation steps (AdamW, lr {task.recovery_lr:g}, KL on logits at T=2), the same for "
         "every method. "
         f"Our methods: least-squares compensation and BatchNorm re-estimation on the "
@@ -394,12 +394,14 @@ def _plot(task: Task, rows: list[dict], dense_acc: float, recovery_steps: int) -
                                 else ""))}
     fig, axes = plt.subplots(1, len(columns), figsize=(5.5 * len(columns) + 3, 4),
                              sharey=True, squeeze=False)
+    methods = list(dict.fromkeys(r["method"] for r in rows))
+    colours = plt.get_cmap("tab20" if len(methods) > 10 else "tab10")
     for ax, column in zip(axes[0], columns):
-        for method in dict.fromkeys(r["method"] for r in rows):
+        for i, method in enumerate(methods):
             pts = [(r["target"], float(r[column])) for r in rows
                    if r["method"] == method and r[column] != "-"]
             if pts:
-                ax.plot(*zip(*pts), marker="o", label=method,
+                ax.plot(*zip(*pts), marker="o", label=method, color=colours(i),
                         linewidth=2.5 if method.startswith("ours: mi") else 1)
         ax.axhline(dense_acc, color="gray", linestyle=":", label="dense")
         ax.set_title(titles[column])
