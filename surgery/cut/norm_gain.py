@@ -20,15 +20,13 @@ norms, so they need neither the dense model after the cut nor a second copy of i
 from __future__ import annotations
 
 import copy
+import functools
 from typing import Any, Iterable
 
 import torch
-import torch.distributed as dist
 
-from surgery._core.batches import as_args, split_batch, to_device
-from surgery._core.modes import evaluating
-from surgery.stats.distributed import active, shard
-from surgery.stats.norm_energy import normalises_last_axis
+from surgery.stats.distributed import observe
+from surgery.stats.norm_energy import norms_across
 
 
 def cut_norms(model: torch.nn.Module, keep: dict[str, dict[int, list[int]]]
@@ -36,10 +34,9 @@ def cut_norms(model: torch.nn.Module, keep: dict[str, dict[int, list[int]]]
     """The norms of ``model`` whose weight a plan cuts (``keep``: the plan's kept positions
     per parameter and dim), with their kept positions."""
     out = {}
-    for name, module in model.named_modules():
-        kept = keep.get(f"{name}.weight" if name else "weight", {}).get(0)
-        if (kept is not None and len(kept) < module.weight.shape[0]
-                and normalises_last_axis(module)):
+    for name in norms_across(model, [(p, dim) for p, dims in keep.items() for dim in dims]):
+        kept = keep[f"{name}.weight" if name else "weight"][0]
+        if len(kept) < model.get_submodule(name).weight.shape[0]:
             out[name] = list(kept)
     return out
 
@@ -92,11 +89,10 @@ def norm_gains(model: torch.nn.Module, keep: dict[str, dict[int, list[int]]],
         return {}
     device = next((p.device for p in model.parameters()), torch.device("cpu"))
     sums = torch.zeros(len(norms), 2, dtype=torch.float64, device=device)
-    cuts, hooks = {}, []
 
-    def fold(i: int, name: str, module: torch.nn.Module, args: tuple) -> None:
+    def fold(i: int, kept: torch.Tensor, cut: torch.nn.Module, module: torch.nn.Module,
+             args: tuple) -> None:
         h = args[0]
-        kept, cut = cuts[name]
         if h.shape[-1] != module.weight.shape[0]:
             return  # not normalising over this axis after all: no tokens counted
         beta = _bias(cut)
@@ -106,23 +102,12 @@ def norm_gains(model: torch.nn.Module, keep: dict[str, dict[int, list[int]]],
         sums[i, 0] += (y * y_cut).sum()
         sums[i, 1] += (y_cut * y_cut).sum()
 
+    hooks = {}
     for i, (name, kept) in enumerate(norms.items()):
         module = model.get_submodule(name)
         idx = torch.as_tensor(kept, device=module.weight.device)
-        cuts[name] = (idx, _cut_copy(module, idx))
-        hooks.append(module.register_forward_pre_hook(
-            lambda m, args, i=i, name=name: fold(i, name, m, args)))
-    try:
-        with evaluating(model), torch.no_grad():
-            for _, batch in shard(calib_data, max_batches, distributed):
-                inputs, _ = split_batch(batch)
-                args, kwargs = as_args(to_device(inputs, device))
-                model(*args, **kwargs)
-    finally:
-        for h in hooks:
-            h.remove()
-    if distributed and active():
-        dist.all_reduce(sums)
+        hooks[module] = functools.partial(fold, i, idx, _cut_copy(module, idx))
+    observe(model, hooks, sums, calib_data, max_batches, distributed)
     return {name: float(num / den) for name, (num, den) in zip(norms, sums.tolist())
             if den > 0}
 

@@ -14,11 +14,13 @@ in by rank ``b % world_size``.
 from __future__ import annotations
 
 import os
-from typing import Any, Iterable, Iterator
+from typing import Any, Callable, Iterable, Iterator
 
 import torch
 import torch.distributed as dist
 
+from surgery._core.batches import as_args, split_batch, to_device
+from surgery._core.modes import evaluating
 from surgery.errors import CalibrationError
 
 
@@ -45,6 +47,29 @@ def shard(calib_data: Iterable[Any], max_batches: int | None, distributed: bool
             break
         if b % world == r:
             yield b, batch
+
+
+def observe(model: torch.nn.Module,
+            pre_hooks: dict[torch.nn.Module, Callable[[torch.nn.Module, tuple], None]],
+            sums: torch.Tensor, calib_data: Iterable[Any], max_batches: int | None,
+            distributed: bool) -> None:
+    """Run ``model`` (eval mode, no gradients) over this rank's :func:`shard` of the batches
+    with each module's forward pre-hook folding what it sees into ``sums``, then add every
+    rank's ``sums`` in place: for statistics of layer inputs that are not moment sums (norm
+    gains, the norms' energy shares). A hook must return None (or it replaces the input)."""
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))
+    handles = [m.register_forward_pre_hook(hook) for m, hook in pre_hooks.items()]
+    try:
+        with evaluating(model), torch.no_grad():
+            for _, batch in shard(calib_data, max_batches, distributed):
+                inputs, _ = split_batch(batch)
+                args, kwargs = as_args(to_device(inputs, device))
+                model(*args, **kwargs)
+    finally:
+        for handle in handles:
+            handle.remove()
+    if distributed and active():
+        dist.all_reduce(sums)
 
 
 def init_from_env(device: torch.device | str | None = None) -> bool:

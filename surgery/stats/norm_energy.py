@@ -14,11 +14,8 @@ from typing import Any, Iterable
 
 import numpy as np
 import torch
-import torch.distributed as dist
 
-from surgery._core.batches import as_args, split_batch, to_device
-from surgery._core.modes import evaluating
-from surgery.stats.distributed import active, shard
+from surgery.stats.distributed import observe
 
 
 def normalises_last_axis(module: torch.nn.Module) -> bool:
@@ -55,8 +52,8 @@ def energy_shares(model: torch.nn.Module, norms: list[str], calib_data: Iterable
         return None
     modules = [model.get_submodule(n) for n in norms]
     width = modules[0].weight.shape[0]
-    device = modules[0].weight.device
-    sums = torch.zeros(width + 1, dtype=torch.float64, device=device)  # shares, tokens
+    sums = torch.zeros(width + 1, dtype=torch.float64,
+                       device=modules[0].weight.device)  # shares, tokens
 
     def fold(module: torch.nn.Module, args: tuple) -> None:
         h = args[0].detach().double()
@@ -69,18 +66,7 @@ def energy_shares(model: torch.nn.Module, norms: list[str], calib_data: Iterable
         sums[:width] += (power / power.mean(-1, keepdim=True).clamp_min(1e-30)).sum(0)
         sums[width] += h.shape[0]
 
-    hooks = [m.register_forward_pre_hook(fold) for m in modules]
-    try:
-        with evaluating(model), torch.no_grad():
-            for _, batch in shard(calib_data, max_batches, distributed):
-                inputs, _ = split_batch(batch)
-                args, kwargs = as_args(to_device(inputs, device))
-                model(*args, **kwargs)
-    finally:
-        for h in hooks:
-            h.remove()
-    if distributed and active():
-        dist.all_reduce(sums)
+    observe(model, {m: fold for m in modules}, sums, calib_data, max_batches, distributed)
     if sums[width] == 0:
         return None
     return (sums[:width] / sums[width]).cpu().numpy()
