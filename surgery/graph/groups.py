@@ -84,7 +84,10 @@ class Relation:
     target: int
     target_probe: Probe | None = None
     """The layer's own output, positions mapped to ``target``'s atoms: what scoring compares
-    the group with ("the neurons of the layer above"), aligned sample by sample."""
+    the group with ("the neurons of the layer above"), aligned sample by sample. For a reader
+    inside a leaf (``probe.module`` set here too), that reader's output: observed by no node,
+    it is computed from the reader's weights (a linear target) or, failing that, replaced by
+    the target group's own probe."""
     reader: str | None = None
     """The module with the weights that read the group, when it is not ``layer``'s own module
     (a projection inside a leaf): what compensation refits."""
@@ -254,6 +257,10 @@ def _relations(
                          if c.op in prop.produces and t.ids is prop.produces[c.op]), None)
         target_probe = (_probe(c.op, out_axis, out_labels, target, group_of_label)
                         if target != OUTPUT and out_axis is not None else None)
+        if c.module is not None and target != OUTPUT and target_probe is None:
+            # a projection inside a leaf writes the leaf's output, which may be no tensor
+            # (a tuple): its positions, computed from the projection's weights in calibration
+            target_probe = _probe(c.op, -1, out_labels, target, group_of_label, c.module)
         for gid in gids:
             probe = _probe(c.source, c.track.axes[0], labels, gid, group_of_label, c.module)
             relations.append(Relation(gid, c.op, probe, target, target_probe, c.module))

@@ -111,10 +111,12 @@ def linear_target(gm: fx.GraphModule, nodes: dict[str, fx.Node], rel: Any, xf: F
     """(weight rows, bias) when the relation's target is exactly a linear function of its
     probed input: an ``nn.Linear`` or 1x1 convolution (stride 1, no padding: its output keeps
     the input's positions, so pooling both alike commutes with it) that the probe sees whole
-    (every input feature) and whose own output is the target probe; else None."""
-    if (rel.target_probe is None or rel.target_probe.node != rel.layer
-            or rel.probe.module is not None):
+    (every input feature) and whose own output is the target probe; or a linear reader inside
+    a leaf (``rel.reader``), whose output no node shows; else None."""
+    if rel.target_probe is None or rel.target_probe.node != rel.layer:
         return None
+    if rel.probe.module is not None:
+        return _inner_linear_target(gm, rel, xf, tf)
     node = nodes.get(rel.layer)
     if node is None or node.op != "call_module" or not node.args:
         return None
@@ -141,6 +143,36 @@ def linear_target(gm: fx.GraphModule, nodes: dict[str, fx.Node], rel: Any, xf: F
     rows = torch.as_tensor(tf.positions, device=module.weight.device)
     bias = None if module.bias is None else module.bias.detach().index_select(0, rows)
     return module.weight.detach().index_select(0, rows), bias
+
+
+def _inner_linear_target(gm: fx.GraphModule, rel: Any, xf: Features, tf: Features
+                         ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """(weight rows, bias) of the projection inside a leaf that reads the relation's group
+    (``nn.Linear`` or transformers' transposed ``Conv1D``), seen whole by its input probe and
+    writing the leaf's output (the target probe's positions are that output's)."""
+    from surgery.cut.compensation import reader_weight, transposed_linear  # (imports stats)
+
+    module = gm.get_submodule(rel.probe.module)
+    if type(module) is not torch.nn.Linear and not transposed_linear(module):
+        return None
+    weight = reader_weight(module).detach()
+    width = weight.shape[1]
+    whole = (not xf.average_atoms and len(xf.positions) == width
+             and (xf.positions == np.arange(width)).all())
+    if (not whole or tf.average_atoms
+            or len(rel.target_probe.atom_of_position) != weight.shape[0]):
+        return None
+    rows = torch.as_tensor(tf.positions, device=weight.device)
+    bias = None if module.bias is None else module.bias.detach().index_select(0, rows)
+    return weight.index_select(0, rows), bias
+
+
+def observed_target(coupling: Any, rel: Any) -> Any:
+    """The probe calibration reads as a relation's target when it is not computed from the
+    reader's weights: the reader's output where a node shows it, else (a reader inside a
+    leaf that is not linear) where the target group is observed."""
+    probe = rel.target_probe
+    return probe if probe is not None and probe.module is None else coupling.probes[rel.target]
 
 
 Key = tuple[str, int, "str | None"]

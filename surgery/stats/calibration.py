@@ -21,7 +21,15 @@ from surgery._core.modes import evaluating
 from surgery.errors import CalibrationError
 from surgery.graph.groups import OUTPUT, Coupling, Probe
 from surgery.stats._batch_check import check_batch, expected_inputs
-from surgery.stats._probes import Features, align, columns, features_of, instrument, linear_target
+from surgery.stats._probes import (
+    Features,
+    align,
+    columns,
+    features_of,
+    instrument,
+    linear_target,
+    observed_target,
+)
 from surgery.stats.moments import MomentSums
 
 
@@ -155,6 +163,8 @@ def _layout(coupling: Coupling, relations: Collection[int] | None = None
             if lin is not None:  # the target's sums follow from the input's at the end
                 linear[i] = lin
             else:
+                tprobe = observed_target(coupling, rel)
+                result.t_features[i] = features_of(tprobe)
                 needed[tprobe.key] = None
     return result, linear, needed
 
@@ -211,7 +221,7 @@ class _Fold:
             elif rel.target == OUTPUT:
                 t, tnode = top, "the model's output"
             else:
-                tprobe = rel.target_probe or result.coupling.probes[rel.target]
+                tprobe = observed_target(result.coupling, rel)
                 t, tnode = read(tprobe, result.t_features[i]), tprobe.node
             x, t = align(x, t, mask)
             z = x if i in self.linear else torch.cat([x, t.to(x.device)], dim=1)

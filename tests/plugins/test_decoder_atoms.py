@@ -115,10 +115,11 @@ def _rows_view(module: torch.nn.Module) -> torch.Tensor:
     return module.weight.t() if type(module).__name__ == "Conv1D" else module.weight
 
 
-def _with_copied_kv_group(family: str):
-    """Layer 0's KV group 0 made strong and group 1 an exact copy of it (query, key and value
-    rows, output-projection columns): magnitude keeps both, joint MI only one. Llama with
-    eight query heads of 8 in four KV groups; GPT-2 with four heads (a group is one head)."""
+def _kv_model(family: str):
+    """(model, layer 0's attention, [(weight [out, in], first row, rows of KV group 0)] for
+    its query/key/value projections, output projection [out, in], its columns per group).
+    Llama with eight query heads of 8 in four KV groups; GPT-2 with four heads (a group is one
+    head)."""
     if family == "gpt2":
         model = make("gpt2")
         attention = model.transformer.h[0].attn
@@ -139,6 +140,13 @@ def _with_copied_kv_group(family: str):
                  (attention.v_proj.weight, 0, 8)]
         out, width = attention.o_proj.weight, 16
         name = "model.layers.0.self_attn"
+    return model, name, parts, out, width
+
+
+def _with_copied_kv_group(family: str):
+    """Layer 0's KV group 0 made strong and group 1 an exact copy of it (query, key and value
+    rows, output-projection columns): magnitude keeps both, joint MI only one."""
+    model, name, parts, out, width = _kv_model(family)
     with torch.no_grad():
         for w, base, rows in parts:
             w[base:base + rows] *= 3
@@ -167,6 +175,25 @@ def test_a_copied_kv_group_is_cut_by_mi_and_the_output_projection_refitted(famil
     by_magnitude = surgery.make_plan(model, x, options=options, criterion="magnitude")
     assert {0, 1} <= set(next(g.kept for g in by_magnitude.groups if g.id == group.id))
 
+
+
+@pytest.mark.parametrize("family", ["llama", "gpt2"])
+def test_kv_groups_are_scored_against_the_output_projection_not_the_stream(family):
+    """Layer 0's KV group 0 loud (value rows x 4) and unread (its output-projection columns
+    zero): nothing of it reaches the layer above, so MI cuts it. Scored against the residual
+    stream (where no node shows the projection's output), it looked the most informative."""
+    model, attention, parts, out, width = _kv_model(family)
+    value, base, rows = parts[-1]
+    with torch.no_grad():
+        value[base:base + rows] *= 4
+        out[:, :width] = 0
+    x = inputs()
+    group = next(g for g in surgery.couple(model, x).groups if g.name == attention)
+    options = surgery.PruneOptions(sparsity=0.25, budget="params", kinds={"head"},
+                                   budget_scope=(attention,), compensate=False)
+    plan = surgery.make_plan(model, x, calibration(12), options=options)
+    kept = next(g.kept for g in plan.groups if g.id == group.id)
+    assert len(kept) == 3 and 0 not in kept, kept
 
 def test_compensation_refits_a_transposed_conv1d_projection():
     """GPT-2's c_proj stores its weight [in, out]: the refit must land on the right axis, so

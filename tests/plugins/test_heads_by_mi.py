@@ -74,3 +74,35 @@ def test_a_copied_head_is_cut_and_the_projection_refitted(family: str) -> None:
     assert out_proj in plan.extra["compensated"]
     by_magnitude = surgery.make_plan(model, x, options=options, criterion="magnitude")
     assert {0, 1} <= set(next(g.kept for g in by_magnitude.groups if g.id == head_group.id))
+
+
+def _silence(model: torch.nn.Module, family: str) -> tuple[str, int]:
+    """Head 0 loud (its value rows x 4) but unread: its columns of the output projection are
+    zero. Only a criterion that scores heads against that projection's output sees that it
+    carries nothing the layer above receives; against any stream node it looks strongest."""
+    path, projections, out = LAYOUTS[family]
+    attention = model.get_submodule(path)
+    out_proj = getattr(attention, out)
+    heads = _heads(attention)
+    dim = out_proj.in_features // heads
+    with torch.no_grad():
+        value = getattr(attention, projections[-1]).weight
+        value[value.shape[0] - heads * dim:][:dim] *= 4  # the v part of a fused qkv too
+        out_proj.weight[:, :dim] = 0
+    return f"{path}.{out}", heads
+
+
+@pytest.mark.parametrize("family", sorted(LAYOUTS))
+def test_heads_are_scored_against_their_own_projection_output(family: str) -> None:
+    model = make(family)
+    out_proj, heads = _silence(model, family)
+    x = inputs(family, model)
+    calib = [inputs(family, model, seed=s) for s in range(2, 40)]
+    layer_0 = LAYOUTS[family][0]
+    options = surgery.PruneOptions(sparsity=1 / heads, budget="params", kinds={"head"},
+                                   budget_scope=(layer_0,), compensate=False)
+    head_group = next(g for g in surgery.couple(model, x).groups if g.kind == "head"
+                      and any(k[0] == f"{out_proj}.weight" for k in g.slices))
+    plan = surgery.make_plan(model, x, calib, options=options)
+    kept = next(g.kept for g in plan.groups if g.id == head_group.id)
+    assert len(kept) == heads - 1 and 0 not in kept, f"kept {kept}: the unread head stayed"
