@@ -85,9 +85,9 @@ class Relation:
     target_probe: Probe | None = None
     """The layer's own output, positions mapped to ``target``'s atoms: what scoring compares
     the group with ("the neurons of the layer above"), aligned sample by sample. For a reader
-    inside a leaf (``probe.module`` set here too), that reader's output: observed by no node,
-    it is computed from the reader's weights (a linear target) or, failing that, replaced by
-    the target group's own probe."""
+    inside a leaf (``reader``; this probe's ``module`` names it), that reader's output:
+    observed by no node, it is computed from the reader's weights (a linear target) or,
+    failing that, replaced by the target group's own probe."""
     reader: str | None = None
     """The module with the weights that read the group, when it is not ``layer``'s own module
     (a projection inside a leaf): what compensation refits."""
@@ -250,20 +250,24 @@ def _relations(
     for c in prop.consumes:
         labels = label_of[c.track.ids]
         gids = sorted({group_of_label[lab][0] for lab in labels.tolist() if lab in group_of_label})
-        out_labels = label_of[prop.produces[c.op]] if c.op in prop.produces else np.zeros(0, int)
+        writes = c.writes if c.writes is not None else prop.produces.get(c.op)
+        out_labels = label_of[writes] if writes is not None else np.zeros(0, int)
         targets = [group_of_label[lab][0] for lab in out_labels.tolist() if lab in group_of_label]
         target = targets[0] if targets else OUTPUT
         out_axis = next((t.axes[0] for t in prop.get_named(c.op)
                          if c.op in prop.produces and t.ids is prop.produces[c.op]), None)
         target_probe = (_probe(c.op, out_axis, out_labels, target, group_of_label)
-                        if target != OUTPUT and out_axis is not None else None)
-        if c.module is not None and target != OUTPUT and target_probe is None:
-            # a projection inside a leaf writes the leaf's output, which may be no tensor
-            # (a tuple): its positions, computed from the projection's weights in calibration
-            target_probe = _probe(c.op, -1, out_labels, target, group_of_label, c.module)
+                        if target != OUTPUT and out_axis is not None and c.writes is None
+                        else None)
+        reader = c.reader or c.module
+        if reader is not None and target != OUTPUT and target_probe is None:
+            # a projection inside a leaf: what it writes no node shows (the leaf's output may
+            # be a tuple, or the projection writes heads inside it); calibration computes it
+            # from the projection's weights
+            target_probe = _probe(c.op, -1, out_labels, target, group_of_label, reader)
         for gid in gids:
             probe = _probe(c.source, c.track.axes[0], labels, gid, group_of_label, c.module)
-            relations.append(Relation(gid, c.op, probe, target, target_probe, c.module))
+            relations.append(Relation(gid, c.op, probe, target, target_probe, reader))
             rank = order[c.source]
             if gid not in probes or probes[gid][0] < rank:
                 probes[gid] = (rank, probe)

@@ -45,12 +45,17 @@ class Consume:
 
     ``module`` names the reader when it sits inside a leaf module (the output projection of an
     attention module kept whole): the channels are then observed at that submodule's *input*
-    (a forward pre-hook), which no fx node shows, and ``source`` is the leaf's own node."""
+    (a forward pre-hook), which no fx node shows, and ``source`` is the leaf's own node.
+    ``reader`` names a reader inside the leaf that reads ``source`` as it is (an attention
+    module's q/k/v projections read the leaf's input): observed there, refitted in the leaf.
+    ``writes``: the channel ids that reader writes, when they are not the leaf's output."""
 
     op: str
     source: str
     track: Track
     module: str | None = None
+    reader: str | None = None
+    writes: np.ndarray | None = None
 
 
 @dataclass

@@ -115,7 +115,7 @@ def linear_target(gm: fx.GraphModule, nodes: dict[str, fx.Node], rel: Any, xf: F
     a leaf (``rel.reader``), whose output no node shows; else None."""
     if rel.target_probe is None or rel.target_probe.node != rel.layer:
         return None
-    if rel.probe.module is not None:
+    if rel.reader is not None:
         return _inner_linear_target(gm, rel, xf, tf)
     node = nodes.get(rel.layer)
     if node is None or node.op != "call_module" or not node.args:
@@ -148,11 +148,12 @@ def linear_target(gm: fx.GraphModule, nodes: dict[str, fx.Node], rel: Any, xf: F
 def _inner_linear_target(gm: fx.GraphModule, rel: Any, xf: Features, tf: Features
                          ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """(weight rows, bias) of the projection inside a leaf that reads the relation's group
-    (``nn.Linear`` or transformers' transposed ``Conv1D``), seen whole by its input probe and
-    writing the leaf's output (the target probe's positions are that output's)."""
+    (``nn.Linear`` or transformers' transposed ``Conv1D``), seen whole by its input probe; the
+    target probe's positions are the projection's output rows (the leaf's output for an
+    output projection, the head rows for a q/k/v projection)."""
     from surgery.cut.compensation import reader_weight, transposed_linear  # (imports stats)
 
-    module = gm.get_submodule(rel.probe.module)
+    module = gm.get_submodule(rel.reader)
     if type(module) is not torch.nn.Linear and not transposed_linear(module):
         return None
     weight = reader_weight(module).detach()

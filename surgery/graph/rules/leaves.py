@@ -315,7 +315,11 @@ def attention_rule(layout: HeadLayout, query_atoms: bool = False
         for arg in node.all_input_nodes:
             if arg is not x:
                 _freeze_other_tracks(prop, arg, None, f"extra input of attention {prefix}", q_atom)
-        prop.consumes.append(Consume(node.name, x.name, Track((nd - 1,), in_ids)))
+        for name in (layout.qkv,) if layout.qkv else (layout.q, layout.k, layout.v):
+            full = f"{prefix}.{name}"  # each projection reads the leaf's input as it is
+            prop.consumes.append(Consume(node.name, x.name, Track((nd - 1,), in_ids),
+                                         reader=full,
+                                         writes=prop.param(f"{full}.weight", layout.rows)))
         if layout.out:  # the heads are read inside: observe the output projection's input
             prop.consumes.append(Consume(node.name, node.name, Track((nd - 1,), cols),
                                          module=f"{prefix}.{layout.out}"))
