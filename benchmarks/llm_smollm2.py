@@ -331,8 +331,9 @@ METHOD_NOTES = """What each method does (benchmarks/llm_baselines.py has the det
   `sequential=True` (each reader refitted on the activations of the model as cut below it)
   and `depth_schedule="log"` (the per-layer rate rising as `ln(i + 1)`, SlimGPT's schedule).
   `mi_hidden` is `mi_deep` that also cuts hidden dims (embeddings, norms and every
-  projection) under the default kind weights; the structure column does not count hidden
-  dims.
+  projection) under the default kind weights, every projection reading them refitted (q, k,
+  v, gate, up) and each norm across them rescaled by one gain; the structure column does not
+  count hidden dims.
 """
 
 
