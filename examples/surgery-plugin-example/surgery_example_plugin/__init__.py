@@ -21,7 +21,6 @@ import torch
 import torch.fx as fx
 
 from surgery.plugins import Consume, Propagation, Track, hookimpl
-
 from surgery_example_plugin.model import GatedBlockNet, ScaledLinear
 
 __all__ = ["GatedBlockNet", "ScaledLinear", "scaled_linear_rule"]
