@@ -108,10 +108,9 @@ def prune(
     estimator: Annotated[EstimatorName, typer.Option(
         help="MI estimator of mi/mi_topk.")] = "gaussian",
     target_noise: Annotated[float, typer.Option(
-        min=0.0,
         help="Gaussian MI sees each target through noise of this many times its mean "
-             "variance: 10 weighs a target direction by its variance, near 0 every direction "
-             "alike.")] = 10.0,
+             "variance (a positive number): 10 weighs a target direction by its variance, "
+             "near 0 every direction alike.")] = 10.0,
     round_to: Annotated[str, typer.Option(
         help="Kept channels per group are multiples of this (e.g. 16), or 'auto': the "
              "multiple the device was measured to prefer.")] = "1",
