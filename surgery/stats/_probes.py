@@ -133,16 +133,11 @@ def linear_target(gm: fx.GraphModule, nodes: dict[str, fx.Node], rel: Any, xf: F
     in_meta, out_meta = source.meta.get("tensor_meta"), node.meta.get("tensor_meta")
     if not hasattr(in_meta, "shape") or not hasattr(out_meta, "shape"):
         return None
-    width = module.weight.shape[1]
     axis = 1 if pointwise else len(in_meta.shape) - 1  # where the layer reads its features
-    whole = (not xf.average_atoms and len(xf.positions) == width
-             and (xf.positions == np.arange(width)).all())
-    if (not whole or tf.average_atoms or rel.probe.axis != axis
+    if (rel.probe.axis != axis
             or rel.target_probe.axis != (1 if pointwise else len(out_meta.shape) - 1)):
         return None
-    rows = torch.as_tensor(tf.positions, device=module.weight.device)
-    bias = None if module.bias is None else module.bias.detach().index_select(0, rows)
-    return module.weight.detach().index_select(0, rows), bias
+    return _target_rows(module.weight.detach(), module.bias, xf, tf)
 
 
 def _inner_linear_target(gm: fx.GraphModule, rel: Any, xf: Features, tf: Features
@@ -157,15 +152,23 @@ def _inner_linear_target(gm: fx.GraphModule, rel: Any, xf: Features, tf: Feature
     if type(module) is not torch.nn.Linear and not transposed_linear(module):
         return None
     weight = reader_weight(module).detach()
+    if len(rel.target_probe.atom_of_position) != weight.shape[0]:
+        return None
+    return _target_rows(weight, module.bias, xf, tf)
+
+
+def _target_rows(weight: torch.Tensor, bias: torch.Tensor | None, xf: Features, tf: Features
+                 ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+    """The rows of ``weight`` (``[out, in, ...]``) and ``bias`` at the target's positions, when
+    the input probe sees every input feature and neither side averages atoms; else None."""
     width = weight.shape[1]
     whole = (not xf.average_atoms and len(xf.positions) == width
              and (xf.positions == np.arange(width)).all())
-    if (not whole or tf.average_atoms
-            or len(rel.target_probe.atom_of_position) != weight.shape[0]):
+    if not whole or tf.average_atoms:
         return None
     rows = torch.as_tensor(tf.positions, device=weight.device)
-    bias = None if module.bias is None else module.bias.detach().index_select(0, rows)
-    return weight.index_select(0, rows), bias
+    return (weight.index_select(0, rows),
+            None if bias is None else bias.detach().index_select(0, rows))
 
 
 def observed_target(coupling: Any, rel: Any) -> Any:
