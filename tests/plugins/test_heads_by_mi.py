@@ -5,6 +5,8 @@ and compensation refits the projection. Before, these heads silently fell back t
 
 from __future__ import annotations
 
+from typing import Any, Callable
+
 import pytest
 import torch
 
@@ -24,11 +26,7 @@ LAYOUTS = {
 def _plant(model: torch.nn.Module, family: str) -> tuple[str, int]:
     """Head 0 strong, head 1 an exact copy of it (rows of q, k, v and columns of the output
     projection): magnitude ranks both first, joint MI must keep only one."""
-    path, projections, out = LAYOUTS[family]
-    attention = model.get_submodule(path)
-    out_proj = getattr(attention, out)
-    heads = out_proj.in_features // (out_proj.in_features // _heads(attention))
-    dim = out_proj.in_features // heads
+    attention, projections, out_proj, heads, dim = _attention(model, family)
     with torch.no_grad():
         for name in projections:
             w = getattr(attention, name).weight
@@ -41,7 +39,37 @@ def _plant(model: torch.nn.Module, family: str) -> tuple[str, int]:
                     b[base + dim:base + 2 * dim] = b[base:base + dim]
         out_proj.weight[:, :dim] *= 3
         out_proj.weight[:, dim:2 * dim] = out_proj.weight[:, :dim]
-    return f"{path}.{out}", heads
+    return _out_name(family), heads
+
+
+def _attention(model: torch.nn.Module, family: str
+               ) -> tuple[torch.nn.Module, tuple[str, ...], torch.nn.Module, int, int]:
+    """Layer 0's attention module, its q/k/v projection names, its output projection, its
+    head count and head size."""
+    path, projections, out = LAYOUTS[family]
+    attention = model.get_submodule(path)
+    out_proj = getattr(attention, out)
+    heads = _heads(attention)
+    return attention, projections, out_proj, heads, out_proj.in_features // heads
+
+
+def _out_name(family: str) -> str:
+    path, _, out = LAYOUTS[family]
+    return f"{path}.{out}"
+
+
+def _planted(family: str, plant: Callable[[torch.nn.Module, str], tuple[str, int]]
+             ) -> tuple[torch.nn.Module, Any, list, str, int, Any, Any]:
+    """(model with ``plant`` applied, example inputs, calibration batches, output projection's
+    name, head count, the coupling's head group of layer 0)."""
+    model = make(family)
+    out_proj, heads = plant(model, family)
+    x = inputs(family, model)
+    calib = [inputs(family, model, seed=s) for s in range(2, 40)]
+    coupling = surgery.couple(model, x)
+    head_group = next(g for g in coupling.groups if g.kind == "head"
+                      and any(k[0] == f"{out_proj}.weight" for k in g.slices))
+    return model, x, calib, out_proj, heads, head_group, coupling
 
 
 def _heads(attention: torch.nn.Module) -> int:
@@ -53,13 +81,7 @@ def _heads(attention: torch.nn.Module) -> int:
 
 @pytest.mark.parametrize("family", sorted(LAYOUTS))
 def test_a_copied_head_is_cut_and_the_projection_refitted(family: str) -> None:
-    model = make(family)
-    out_proj, heads = _plant(model, family)
-    x = inputs(family, model)
-    calib = [inputs(family, model, seed=s) for s in range(2, 40)]
-    coupling = surgery.couple(model, x)
-    head_group = next(g for g in coupling.groups if g.kind == "head"
-                      and any(k[0] == f"{out_proj}.weight" for k in g.slices))
+    model, x, calib, out_proj, heads, head_group, coupling = _planted(family, _plant)
     readers = [r for r in coupling.relations if r.group == head_group.id]
     assert out_proj in [r.reader for r in readers], "no relation reads the heads"
     layer_0 = LAYOUTS[family][0]
@@ -80,29 +102,19 @@ def _silence(model: torch.nn.Module, family: str) -> tuple[str, int]:
     """Head 0 loud (its value rows x 4) but unread: its columns of the output projection are
     zero. Only a criterion that scores heads against that projection's output sees that it
     carries nothing the layer above receives; against any stream node it looks strongest."""
-    path, projections, out = LAYOUTS[family]
-    attention = model.get_submodule(path)
-    out_proj = getattr(attention, out)
-    heads = _heads(attention)
-    dim = out_proj.in_features // heads
+    attention, projections, out_proj, heads, dim = _attention(model, family)
     with torch.no_grad():
         value = getattr(attention, projections[-1]).weight
         value[value.shape[0] - heads * dim:][:dim] *= 4  # the v part of a fused qkv too
         out_proj.weight[:, :dim] = 0
-    return f"{path}.{out}", heads
+    return _out_name(family), heads
 
 
 @pytest.mark.parametrize("family", sorted(LAYOUTS))
 def test_heads_are_scored_against_their_own_projection_output(family: str) -> None:
-    model = make(family)
-    out_proj, heads = _silence(model, family)
-    x = inputs(family, model)
-    calib = [inputs(family, model, seed=s) for s in range(2, 40)]
-    layer_0 = LAYOUTS[family][0]
+    model, x, calib, out_proj, heads, head_group, _ = _planted(family, _silence)
     options = surgery.PruneOptions(sparsity=1 / heads, budget="params", kinds={"head"},
-                                   budget_scope=(layer_0,), compensate=False)
-    head_group = next(g for g in surgery.couple(model, x).groups if g.kind == "head"
-                      and any(k[0] == f"{out_proj}.weight" for k in g.slices))
+                                   budget_scope=(LAYOUTS[family][0],), compensate=False)
     plan = surgery.make_plan(model, x, calib, options=options)
     kept = next(g.kept for g in plan.groups if g.id == head_group.id)
     assert len(kept) == heads - 1 and 0 not in kept, f"kept {kept}: the unread head stayed"
