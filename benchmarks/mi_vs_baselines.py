@@ -48,7 +48,8 @@ class Task:
     example: Any
     calib: list[Any]
     train: list[Any]
-    evaluate: Callable[[torch.nn.Module], float]
+    test: list[Any]
+    """Labelled test batches, the same for every row."""
     latency_input: Any
     scope: Callable[[torch.nn.Module], int]
     ignored: Callable[[torch.nn.Module], list[torch.nn.Module]]
@@ -57,11 +58,22 @@ class Task:
     several_kinds: bool = False  # heads, neurons, hidden dims: compare per-kind rates
     recovery_lr: float = 1e-4  # the fine-tune's own rate where the task has one
     output: Callable[[Any], torch.Tensor] = lambda out: out
-    test_size: int = 0
-    """Test examples every accuracy is measured on (its standard error is binomial)."""
     movement_train: list[Any] | None = None
     """Movement pruning's own training data, when the task's train split is bigger than the
     recovery's slice (Fashion-MNIST: the whole 60,000-image split but the calibration images)."""
+
+    def evaluate(self, model: torch.nn.Module) -> float:
+        """Top-1 accuracy on the test batches."""
+        from surgery.counting import accuracy
+
+        return accuracy(model, self.test)[0]
+
+    @property
+    def test_size(self) -> int:
+        """Test examples every accuracy is measured on (its standard error is binomial)."""
+        from surgery._core.batches import split_batch
+
+        return sum(len(split_batch(b)[1]) for b in self.test)
 
 
 TEST_IMAGES = 2000
@@ -88,7 +100,6 @@ def vit_task() -> Task:
 def _fashion_task(name: str, title: str, make: Callable[[], torch.nn.Module],
                   ignored: Callable[[torch.nn.Module], list]) -> Task:
     from surgery import demo as job
-    from surgery.counting import accuracy
     from surgery.demo.datasets import fashion_mnist
     from surgery.errors import AssetMissing
 
@@ -107,7 +118,7 @@ def _fashion_task(name: str, title: str, make: Callable[[], torch.nn.Module],
         name=name, title=title, model=model,
         example=vx[:2], calib=[(cx[i:i + 64], cy[i:i + 64]) for i in range(0, 512, 64)],
         train=[(rx[i:i + 64], ry[i:i + 64]) for i in range(0, len(rx), 64)],
-        evaluate=lambda m: accuracy(m, tests)[0], latency_input=vx[:32], test_size=len(vy),
+        test=tests, latency_input=vx[:32],
         scope=lambda m: sum(p.numel() for p in m.parameters()),
         ignored=ignored,
         loss=lambda m, b: F.cross_entropy(m(b[0]), b[1]),
@@ -117,7 +128,6 @@ def _fashion_task(name: str, title: str, make: Callable[[], torch.nn.Module],
 
 
 def minilm_task() -> Task:
-    from surgery.counting import accuracy
     from surgery.demo import minilm_rotten_tomatoes
     from surgery.errors import AssetMissing
 
@@ -133,8 +143,7 @@ def minilm_task() -> Task:
     return Task(
         name="minilm", title="all-MiniLM-L6-v2 fine-tuned on Rotten Tomatoes", model=model,
         example={k: v[:2] for k, v in calib[0].items() if k != "labels"}, calib=calib,
-        train=train, evaluate=lambda m: accuracy(m, test)[0],
-        test_size=sum(len(b["labels"]) for b in test),
+        train=train, test=test,
         latency_input={k: v[:32] for k, v in test[0].items() if k != "labels"},
         scope=lambda m: sum(p.numel() for n, p in m.named_parameters() if n.startswith(scope)),
         ignored=lambda m: [m.classifier, m.bert.pooler],
@@ -381,8 +390,9 @@ def main() -> None:
         f"mi_vs_baselines.py --model {args.model} --sizes {args.sizes} --recovery-steps "
         f"{args.recovery_steps}" + (f" --methods '{args.methods}'" if args.methods else "")
         + (f" --round-to {args.round_to}" if args.round_to > 1 else "")
-        + (f" --test-images {args.test_images}" if args.test_images != 2000
-           and args.model != "minilm" else "")
+        + (f" --test-images {args.test_images}"
+           if args.test_images != parser.get_default("test_images") and args.model != "minilm"
+           else "")
         + f" --movement-epochs {args.movement_epochs}`.\n"
     )
     write_result(f"mi_vs_baselines_{task.name}", f"MI vs baselines: {task.title}", body)

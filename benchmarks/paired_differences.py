@@ -20,11 +20,11 @@ from _common import machine, markdown_table, write_result
 REFERENCE = "ours: mi (joint)"
 
 
-def correct(model: torch.nn.Module, images: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-    """1.0 where the model's top class is the label, per image."""
+def correct(model: torch.nn.Module, batches: list[tuple[torch.Tensor, torch.Tensor]]
+            ) -> torch.Tensor:
+    """1.0 where the model's top class is the label, per test image."""
     with torch.inference_mode():
-        return torch.cat([model.eval()(images[i:i + 500]).argmax(-1) == labels[i:i + 500]
-                          for i in range(0, len(labels), 500)]).double()
+        return torch.cat([model.eval()(x).argmax(-1) == y for x, y in batches]).double()
 
 
 def main() -> None:
@@ -37,18 +37,13 @@ def main() -> None:
     if args.test_images < 0:
         parser.error(f"--test-images {args.test_images}: give a count of images, or 0 for all")
     torch.set_num_threads(2)
-    from surgery import demo as job
-    from surgery.demo.datasets import fashion_mnist
-
     side_by_side.TEST_IMAGES = args.test_images
     task = side_by_side.TASKS[args.model]()
-    images, labels = fashion_mnist("test")
-    images, labels = job.prepare(images[:args.test_images or None]), labels[:args.test_images or None]
     names = [n for n in side_by_side.METHODS if n.startswith("ours") and "kinds alike" not in n]
     rows = []
     for size in (float(s) for s in args.sizes.split(",")):
         start = time.perf_counter()
-        got = {n: correct(side_by_side.METHODS[n](task, size), images, labels) for n in names}
+        got = {n: correct(side_by_side.METHODS[n](task, size), task.test) for n in names}
         reference = got[REFERENCE]
         for name in names:
             if name == REFERENCE:
@@ -64,7 +59,7 @@ def main() -> None:
         print(f"[{size:.0%} in {time.perf_counter() - start:.0f} s]", flush=True)
     write_result(
         f"paired_{args.model}", f"Paired differences: {task.title}",
-        f"`mi` against each other criterion of ours on the same {len(labels):,} test images, no "
+        f"`mi` against each other criterion of ours on the same {task.test_size:,} test images, no "
         "retraining, the side-by-side's settings (mi_vs_baselines.py). 'mi minus it': the mean "
         "per-image difference of correctness ± its standard error (paired: the standard "
         "deviation of the differences over sqrt(n)); 'in paired SEs' is their ratio, so "
